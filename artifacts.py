@@ -1,0 +1,109 @@
+"""What train.py leaves in Output/ for predict.py: labels, model metadata, and safe ways to read them.
+
+labels.pickle is the blog's pickled LabelBinarizer. A pickle can run any code when it is
+loaded, so it is read back with an unpickler that only admits the classes a binarizer is
+made of. labels.json says the same in plain JSON, with what predict needs to preprocess
+exactly as training did (image size, colour order).
+"""
+
+import io
+import json
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+from sklearn.preprocessing import LabelBinarizer
+
+from images import COLOR_ORDER, UserError
+
+MODEL_FILE = "vgg_model.keras"
+LABELS_FILE = "labels.pickle"
+LABELS_JSON = "labels.json"
+
+_ALLOWED_PICKLE_GLOBALS = {
+    ("sklearn.preprocessing._label", "LabelBinarizer"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside path; rename it to path only when the block completes,
+    so that an interrupted run never leaves a truncated file for a later run to load."""
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1]
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(descriptor)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def fit_binarizer(labels):
+    """Fit the blog's LabelBinarizer and return it with the one-hot targets."""
+    binarizer = LabelBinarizer().fit(labels)
+    return binarizer, one_hot(binarizer, labels)
+
+
+def one_hot(binarizer, labels):
+    """One column per class, always: with two classes LabelBinarizer returns a single 0/1
+    column, which a two-way softmax cannot be trained against."""
+    targets = binarizer.transform(labels)
+    if targets.shape[1] == 1:
+        targets = np.hstack([1 - targets, targets])
+    return targets.astype("float32")
+
+
+def save_labels(binarizer, output_dir, image_size):
+    with atomic_path(os.path.join(output_dir, LABELS_FILE)) as temporary:
+        with open(temporary, "wb") as handle:
+            pickle.dump(binarizer, handle)
+    info = {
+        "classes": [str(name) for name in binarizer.classes_],
+        "image_size": image_size,
+        "color_order": COLOR_ORDER,
+    }
+    with atomic_path(os.path.join(output_dir, LABELS_JSON)) as temporary:
+        with open(temporary, "w") as handle:
+            json.dump(info, handle, indent=2)
+
+
+class _BinarizerUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_labels(path):
+    """Load a pickled LabelBinarizer without running code that the file may carry."""
+    if not os.path.isfile(path):
+        raise UserError(f"labels file not found: {path} (train a model first: "
+                        "python train.py --dataset Dataset)")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        binarizer = _BinarizerUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as error:
+        raise UserError(f"{path} is not a labels file this program trusts: {error}") from None
+    if not isinstance(binarizer, LabelBinarizer):
+        raise UserError(f"{path} holds a {type(binarizer).__name__}, not a LabelBinarizer")
+    return binarizer
+
+
+def load_info(labels_path):
+    """The labels.json written beside the pickle; None when an older run did not write one."""
+    path = os.path.join(os.path.dirname(labels_path), LABELS_JSON)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)

@@ -1,0 +1,141 @@
+"""Finding, decoding and preprocessing images: the one path that train.py and predict.py share.
+
+Every image the model sees, in training or in prediction, goes through `load_image`:
+decode with Pillow (any format it knows, EXIF orientation applied, transparency on white),
+convert to RGB, resize with area interpolation to a square, keep uint8. Scaling to [0, 1]
+happens inside the model (its first layer), so exported models take raw pixels too.
+"""
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from imutils import paths
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+COLOR_ORDER = "RGB"
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, no images, missing model): reported in one line."""
+
+
+class ImageError(Exception):
+    """One file that cannot be used as an image; the message says why."""
+
+
+def list_images(root):
+    """All image files below root (recursively), sorted, hidden files and folders left out."""
+    if not os.path.isdir(root):
+        raise UserError(f"dataset folder not found: {root}")
+    found = []
+    for path in paths.list_files(root, validExts=IMAGE_EXTENSIONS):
+        relative = os.path.relpath(path, root)
+        if any(part.startswith(".") for part in relative.split(os.sep)):
+            continue
+        found.append(path)
+    return sorted(found)
+
+
+def label_of(path, root):
+    """The class of an image is the first folder under the dataset root, however deep the file."""
+    relative = os.path.relpath(path, root)
+    parts = relative.split(os.sep)
+    return parts[0] if len(parts) > 1 else None
+
+
+def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS, min_side=None):
+    """Decode any supported image file into an RGB uint8 array of shape (height, width, 3).
+
+    The pixel count is checked from the header before any pixel is decoded, so a tiny file
+    that claims a gigantic image is refused instead of filling the memory. When min_side is
+    given, JPEGs are decoded at a reduced DCT scale that still keeps both sides >= min_side.
+    """
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{width}x{height} pixels is over the limit of {max_pixels} (--max-pixels)"
+                )
+            if min_side and image.format == "JPEG":
+                scale = min(width, height) / min_side
+                if scale >= 2:
+                    image.draft("RGB", (width // int(scale), height // int(scale)))
+            image.seek(0)
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageError(str(error)) from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
+        reason = str(error) or type(error).__name__
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            reason = "empty file"
+        raise ImageError(reason) from None
+
+
+def _to_rgb(image):
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit grayscale: keep the top byte, as 8-bit viewers do.
+        gray = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if has_alpha:
+        # Transparent pixels often hold black; product photos expect a white background.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def resize(image, image_size):
+    """Squash to image_size x image_size like the blog; INTER_AREA avoids aliasing when shrinking."""
+    return cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
+
+
+def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode and resize one file: exactly what the model expects, as uint8 RGB."""
+    return resize(decode_image(path, max_pixels, min_side=image_size), image_size)
+
+
+def load_images(image_paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, workers=None,
+                progress=True):
+    """Load many files in parallel (Pillow and OpenCV release the GIL while decoding).
+
+    Returns (images, kept, skipped): a uint8 array of the images that decoded, the indices
+    of those images in image_paths, and a list of (path, reason) for the files skipped.
+    """
+    workers = workers or os.cpu_count() or 1
+
+    def attempt(path):
+        try:
+            return load_image(path, image_size, max_pixels), None
+        except ImageError as error:
+            return None, str(error)
+
+    images, kept, skipped = [], [], []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(attempt, image_paths)
+        bar = tqdm(results, total=len(image_paths), desc="loading images", unit="img",
+                   disable=not progress)
+        for index, (image, reason) in enumerate(bar):
+            if image is None:
+                log.warning("skipped %s: %s", image_paths[index], reason)
+                skipped.append((image_paths[index], reason))
+            else:
+                images.append(image)
+                kept.append(index)
+    array = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return array, kept, skipped

@@ -1,0 +1,65 @@
+"""Prediction: the same preprocessing as training, one line per image, annotated copies."""
+
+import os
+import re
+
+import keras
+import numpy as np
+
+import images
+import predict
+from conftest import write_image
+
+LINE = re.compile(r"^(?P<path>.+): (?P<label>\S+) (?P<percent>\d+\.\d{2})%$")
+
+
+def run_predict(trained_run, capsys, *inputs, output="predictions"):
+    out = trained_run["output"]
+    code = predict.main(["--image", *inputs, "--model", os.path.join(out, "vgg_model.keras"),
+                         "--labels", os.path.join(out, "labels.pickle"),
+                         "--output", os.path.join(out, output)])
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err
+
+
+def test_predicts_one_of_the_classes_and_writes_an_annotated_copy(trained_run, capsys):
+    image = os.path.join(trained_run["dataset"], "red_dress", "red_dress_0000.jpg")
+    code, lines, _ = run_predict(trained_run, capsys, image)
+    assert code == 0 and len(lines) == 1
+    match = LINE.match(lines[0])
+    assert match and match["path"] == image
+    assert match["label"] in os.listdir(trained_run["dataset"])
+    assert 0 <= float(match["percent"]) <= 100
+    annotated = os.path.join(trained_run["output"], "predictions", "red_dress_0000.jpg")
+    assert images.decode_image(annotated).shape[1] == 400
+
+
+def test_prediction_uses_the_training_preprocessing(trained_run, capsys):
+    image = os.path.join(trained_run["dataset"], "blue_pants", "blue_pants_0001.jpg")
+    _, lines, _ = run_predict(trained_run, capsys, image)
+    model = keras.models.load_model(os.path.join(trained_run["output"], "vgg_model.keras"))
+    pixels = images.load_image(image, model.input_shape[1])[None].astype("float32")
+    expected = model.predict(pixels, verbose=0)[0].max() * 100
+    assert abs(float(LINE.match(lines[0])["percent"]) - expected) < 0.01
+
+
+def test_folders_are_expanded_and_bad_images_do_not_stop_the_others(trained_run, capsys,
+                                                                     tmp_path):
+    write_image(tmp_path / "a.jpg", np.full((40, 30, 3), 200))
+    write_image(tmp_path / "sub" / "a.jpg", np.full((40, 30, 3), 20))
+    (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    code, lines, errors = run_predict(trained_run, capsys, str(tmp_path),
+                                      str(tmp_path / "nowhere.jpg"), output="mixed")
+    assert code == 1
+    assert len(lines) == 2 and all(LINE.match(line) for line in lines)
+    assert "broken.jpg: error:" in errors and "nowhere.jpg: error:" in errors
+    assert "Traceback" not in errors
+    written = sorted(os.listdir(os.path.join(trained_run["output"], "mixed")))
+    assert written == ["a.jpg", "a_2.jpg"]
+
+
+def test_missing_model_tells_the_user_to_train_first(tmp_path, caplog):
+    image = write_image(tmp_path / "x.jpg", np.zeros((8, 8, 3)))
+    code = predict.main(["--image", image, "--model", str(tmp_path / "none.keras")])
+    assert code == 2
+    assert "train one first" in caplog.text

@@ -1,0 +1,128 @@
+"""End to end: real (tiny) training runs and everything they leave behind."""
+
+import csv
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import artifacts
+import train
+from conftest import ROOT, TINY_FLAGS, write_image
+
+CHECKPOINT_NAME = re.compile(r"^VGG_epoch-(\d{2})_loss-\d+\.\d{4}_val_loss-\d+\.\d{4}\.keras$")
+
+
+def test_training_leaves_every_artifact(trained_run):
+    output = trained_run["output"]
+    for name in ("vgg_model.keras", "labels.pickle", "labels.json", "history.csv",
+                 "classification_report.txt", "confusion_matrix.png", "training_plot.png",
+                 "config.json"):
+        assert os.path.getsize(os.path.join(output, name)) > 0, name
+    assert not glob.glob(os.path.join(output, ".tmp-*"))
+
+
+def test_checkpoints_carry_epoch_loss_and_val_loss_in_their_names(trained_run):
+    names = sorted(os.listdir(os.path.join(trained_run["output"], "checkpoints")))
+    matches = [CHECKPOINT_NAME.match(name) for name in names]
+    assert all(matches), names
+    assert [m.group(1) for m in matches] == ["01", "02"]
+
+
+def test_history_has_one_row_per_epoch_with_the_learning_rate(trained_run):
+    with open(os.path.join(trained_run["output"], "history.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(rows[0])
+    assert float(rows[0]["learning_rate"]) == pytest.approx(0.0007)
+
+
+def test_report_names_every_class_and_the_model_loads(trained_run):
+    report = open(os.path.join(trained_run["output"], "classification_report.txt")).read()
+    classes = sorted(os.listdir(trained_run["dataset"]))
+    assert all(name in report for name in classes)
+    model = keras.models.load_model(os.path.join(trained_run["output"], "vgg_model.keras"))
+    assert model.output_shape == (None, len(classes))
+
+
+def test_config_records_the_resolved_settings(trained_run):
+    config = json.load(open(os.path.join(trained_run["output"], "config.json")))
+    assert config["epochs"] == 2 and config["image_size"] == 32 and config["lr"] == 0.0007
+    assert config["run_name"] == "tiny" and len(config["classes"]) == 8
+
+
+def test_two_class_datasets_train_with_a_two_way_softmax(tmp_path):
+    rng = np.random.default_rng(1)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        for index in range(8):
+            write_image(tmp_path / "data" / name / f"{index}.png",
+                        np.clip(rng.normal(colour, 20, (24, 24, 3)), 0, 255))
+    output = tmp_path / "Output"
+    code = train.main(["--dataset", str(tmp_path / "data"), "--output", str(output),
+                       "--logs", str(tmp_path / "logs"), "--test-size", "0.25",
+                       *TINY_FLAGS[:-4], "--epochs", "1"])
+    assert code == 0
+    model = keras.models.load_model(str(output / "vgg_model.keras"))
+    assert model.output_shape == (None, 2)
+    assert list(artifacts.load_labels(str(output / "labels.pickle")).classes_) == ["blue", "red"]
+
+
+def test_one_class_is_a_one_line_error_with_exit_code_2(tmp_path, caplog):
+    write_image(tmp_path / "only" / "a.png", np.zeros((8, 8, 3)))
+    write_image(tmp_path / "only" / "b.png", np.zeros((8, 8, 3)))
+    assert train.main(["--dataset", str(tmp_path), "--output", str(tmp_path / "out"),
+                       "--logs", str(tmp_path / "logs")]) == 2
+    assert "at least 2 class folders" in caplog.text
+
+
+def test_empty_dataset_is_an_error(tmp_path, caplog):
+    (tmp_path / "cats").mkdir()
+    assert train.main(["--dataset", str(tmp_path), "--output", str(tmp_path / "out"),
+                       "--logs", str(tmp_path / "logs")]) == 2
+    assert "no images found" in caplog.text
+
+
+def test_missing_dataset_exits_2_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset",
+                             str(tmp_path / "missing"), "--output", str(tmp_path / "out"),
+                             "--logs", str(tmp_path / "logs")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "dataset folder not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_epoch_sees_the_whole_training_split():
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(2, axis=1).repeat(2, axis=2)
+    x = x.repeat(3, axis=3)
+    y = np.eye(10, dtype="float32")
+    dataset = train.batches(x, y, batch_size=4, augmentation=None)
+    for _ in range(2):
+        seen = np.concatenate([targets.numpy().argmax(axis=1) for _, targets in dataset])
+        assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_augmented_batches_keep_images_and_labels_together():
+    x = np.zeros((12, 8, 8, 3), np.uint8)
+    for index in range(12):
+        x[index] = index * 20
+    y = np.eye(12, dtype="float32")
+    from tensorflow.keras.preprocessing.image import ImageDataGenerator
+    flip_only = ImageDataGenerator(horizontal_flip=True)
+    dataset = train.batches(x, y, batch_size=5, augmentation=flip_only, seed=0)
+    epochs = []
+    for _ in range(2):
+        order = []
+        for images, targets in dataset:
+            labels = targets.numpy().argmax(axis=1)
+            assert np.allclose(images.numpy()[:, 0, 0, 0], labels * 20)
+            order += labels.tolist()
+        assert sorted(order) == list(range(12))
+        epochs.append(order)
+    assert epochs[0] != epochs[1], "the order should be reshuffled every epoch"
