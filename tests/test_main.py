@@ -1,8 +1,14 @@
 """main.py dispatches to the same code as train.py and predict.py, in both spellings."""
 
 import os
+import re
 
+import numpy as np
+import pytest
+
+import demo
 import main
+from conftest import write_image
 from test_predict import LINE
 
 
@@ -27,3 +33,37 @@ def test_train_spellings_reach_train(tmp_path, caplog):
 def test_unknown_command_prints_usage(capsys):
     assert main.main(["fly"]) == 2
     assert "python main.py train" in capsys.readouterr().err
+
+
+def test_demo_generates_the_dataset_trains_and_predicts_held_back_images(tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(main, "DEMO_PER_CLASS", 6)
+    monkeypatch.setattr(main, "DEMO_TRAIN_FLAGS", ["--image-size", "32", "--epochs", "1",
+                                                   "--batch-size", "16"])
+    assert main.main([]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"test accuracy: \d\.\d\d", lines[-1])
+    assert sorted(os.listdir(tmp_path / "Dataset")) == sorted([".demo-dataset", *demo.CLASSES])
+    predicted = [line for line in lines if LINE.match(line)]
+    assert len(predicted) == len(demo.CLASSES)
+    assert all("demo_samples" in line for line in predicted)
+    assert len(os.listdir(tmp_path / "Output" / "predictions")) == len(demo.CLASSES)
+    assert (tmp_path / "Output" / "vgg_model.keras").exists()
+
+
+def test_demo_trains_a_users_own_dataset_with_the_default_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("cats", "dogs"):
+        write_image(tmp_path / "Dataset" / name / "a.png", np.zeros((8, 8, 3)))
+    seen = {}
+
+    def fake_train(args):
+        seen["args"] = args
+        return {"model": "m", "output": "Output", "logs": "logs/run", "epochs": 1,
+                "seconds": 1.0, "test_accuracy": 0.5}
+
+    monkeypatch.setattr(main.train, "train", fake_train)
+    assert main.main([]) == 0
+    assert sorted(os.listdir(tmp_path / "Dataset")) == ["cats", "dogs"]
+    assert seen["args"].image_size == 64 and seen["args"].epochs == 100
