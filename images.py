@@ -18,6 +18,10 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+# decode_image checks the pixel count itself, against a limit the user can set (--max-pixels);
+# Pillow's fixed limit would otherwise warn below it and refuse above it.
+Image.MAX_IMAGE_PIXELS = None
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 COLOR_ORDER = "RGB"
 DEFAULT_MAX_PIXELS = 100_000_000

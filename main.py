@@ -60,7 +60,7 @@ def run_demo():
     print(f"TensorBoard:    tensorboard --logdir {os.path.dirname(summary['logs'])}")
     print(f"trained {summary['epochs']} epochs in {summary['seconds']:.0f} s")
     print(f"test accuracy: {summary['test_accuracy']:.2f}")
-    return 0
+    return 130 if summary["interrupted"] else 0
 
 
 def main(argv=None):

@@ -38,6 +38,9 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
     parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                         help="refuse images whose header claims more pixels than this")
+    parser.add_argument("--unsafe-model", action="store_true",
+                        help="allow models whose Lambda layers carry Python code (only for "
+                             "model files you trust: loading them runs that code)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -55,13 +58,19 @@ def expand_inputs(inputs):
     return found, missing
 
 
-def load_model(path):
+def load_model(path, unsafe=False):
     if not os.path.isfile(path):
         raise images.UserError(
             f"no model at {path}: train one first with `python train.py --dataset Dataset`")
     try:
-        return keras.models.load_model(path, safe_mode=True)
-    except (ValueError, OSError) as error:
+        return keras.models.load_model(path, safe_mode=not unsafe)
+    except ValueError as error:
+        if "Lambda" in str(error) or "lambda" in str(error):
+            raise images.UserError(
+                f"refusing to load {path}: it holds a Lambda layer with Python code, which "
+                "would run on loading; pass --unsafe-model if you trust the file") from None
+        raise images.UserError(f"cannot load the model {path}: {error}") from None
+    except OSError as error:
         raise images.UserError(f"cannot load the model {path}: {error}") from None
 
 
@@ -72,6 +81,14 @@ def annotate(image_rgb, text):
     cv2.putText(canvas, text, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2,
                 cv2.LINE_AA)
     return canvas
+
+
+def save_jpeg(path, image_bgr):
+    """cv2.imwrite cannot write every file name on every system; Python's open can."""
+    encoded = cv2.imencode(".jpg", image_bgr)[1]
+    with artifacts.atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(encoded.tobytes())
 
 
 def output_name(path, taken):
@@ -88,7 +105,7 @@ def output_name(path, taken):
 
 def predict(args):
     """Predict every input; return the number of inputs that failed."""
-    model = load_model(args.model)
+    model = load_model(args.model, args.unsafe_model)
     binarizer = artifacts.load_labels(args.labels)
     classes = [str(name) for name in binarizer.classes_]
     image_size = model.input_shape[1]
@@ -121,8 +138,8 @@ def predict(args):
             print(f"{path}: {text}")
             # The full-size picture for the annotated copy; the model saw load_image's pixels.
             original = images.decode_image(path, args.max_pixels)
-            cv2.imwrite(os.path.join(args.output, output_name(path, taken)),
-                        annotate(original, text))
+            save_jpeg(os.path.join(args.output, output_name(path, taken)),
+                      annotate(original, text))
     return failures
 
 
@@ -134,6 +151,9 @@ def main(argv=None):
         failures = predict(args)
     except images.UserError as error:
         log.error("%s", error)
+        return 2
+    except OSError as error:
+        log.error("cannot write %s: %s", error.filename or args.output, error.strerror or error)
         return 2
     return 1 if failures else 0
 

@@ -10,12 +10,14 @@ TensorBoard events go to logs/<run name>.
 """
 
 import argparse
+import csv
 import glob
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -40,6 +42,14 @@ import vgg
 log = logging.getLogger("train")
 
 CHECKPOINT_PATTERN = "VGG_epoch-{epoch:02d}_loss-{loss:.4f}_val_loss-{val_loss:.4f}.keras"
+HISTORY_FILE = "history.csv"
+BACKUP_DIR = "backup"
+# Settings that may change between an interrupted run and its resumption.
+NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs"}
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN and TerminateOnNaN stopped the run."""
 
 
 def build_parser():
@@ -86,6 +96,8 @@ def build_parser():
                            default=True, help="only write a checkpoint when val_loss improves")
     callbacks.add_argument("--keep-checkpoints", type=int, default=5,
                            help="keep the newest N checkpoint files (0: keep all)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start afresh instead of resuming an interrupted run")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -111,13 +123,54 @@ class PeriodicCheckpoint(keras.callbacks.ModelCheckpoint):
         self.every, self.keep = every, keep
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every:
-            return
+        if (epoch + 1) % self.every or not finite_losses(logs or {}):
+            return  # a NaN model never replaces the last good checkpoint
         super().on_epoch_end(epoch, logs)
         if self.keep:
             pattern = os.path.join(os.path.dirname(self.filepath), "VGG_epoch-*.keras")
             for old in sorted(glob.glob(pattern), key=os.path.getmtime)[:-self.keep]:
                 os.remove(old)
+
+
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose patience bookkeeping survives a restart: BackupAndRestore
+    brings back the weights and the optimizer (learning rate included), this brings back
+    how long val_loss has stalled, so a resumed run lowers the rate when the original would."""
+
+    def __init__(self, state_path, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = state_path
+        self.restored = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self.restored and os.path.exists(self.state_path):
+            with open(self.state_path) as handle:
+                state = json.load(handle)
+            if state.pop("next_epoch") == epoch:
+                vars(self).update(state)
+        self.restored = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        state = {"next_epoch": epoch + 1, "best": float(self.best), "wait": self.wait,
+                 "cooldown_counter": self.cooldown_counter}
+        with artifacts.atomic_path(self.state_path) as temporary:
+            with open(temporary, "w") as handle:
+                json.dump(state, handle)
+
+
+class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
+    """Keras's TerminateOnNaN watches the training loss of each batch. With a far too high
+    learning rate that loss can stay finite (huge) while the weights are already broken, so
+    this one also stops when the validation loss of an epoch is NaN or infinite."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not np.isfinite((logs or {}).get("val_loss", 0.0)):
+            self.model.stop_training = True
+
+
+def finite_losses(logs):
+    return all(np.isfinite(logs.get(key, 0.0)) for key in ("loss", "val_loss"))
 
 
 _transform_lock = threading.Lock()
@@ -166,8 +219,7 @@ def random_transform(generator, image, rng):
 
 def prepare_folders(args):
     """Create the output folders up front, so a bad location fails now, not after training."""
-    for folder in (args.output, os.path.join(args.output, "checkpoints"),
-                   os.path.join(args.logs, args.run_name)):
+    for folder in (args.output, os.path.join(args.output, "checkpoints"), args.logs):
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as error:
@@ -180,6 +232,10 @@ def load_dataset(args):
     """Images (uint8, N x size x size x 3) and their class names, shuffled with the seed."""
     image_paths = images.list_images(args.dataset)
     image_paths = [path for path in image_paths if images.label_of(path, args.dataset)]
+    folders = {entry.name for entry in os.scandir(args.dataset)
+               if entry.is_dir() and not entry.name.startswith(".")}
+    for empty in sorted(folders - {images.label_of(path, args.dataset) for path in image_paths}):
+        log.warning("class folder %s holds no images: ignored", os.path.join(args.dataset, empty))
     if not image_paths:
         raise images.UserError(f"no images found in class sub-folders of {args.dataset}")
     random.Random(args.seed).shuffle(image_paths)
@@ -187,9 +243,14 @@ def load_dataset(args):
 
     data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
                                              workers=args.workers)
+    with artifacts.atomic_path(os.path.join(args.output, "skipped_files.csv")) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
     if skipped:
-        log.warning("skipped %d of %d files that could not be read as images",
-                    len(skipped), len(image_paths))
+        log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
+                    len(skipped), len(image_paths), os.path.join(args.output, "skipped_files.csv"))
     labels = np.array([images.label_of(image_paths[i], args.dataset) for i in kept])
     classes = sorted(set(labels))
     if len(classes) < 2:
@@ -201,28 +262,30 @@ def load_dataset(args):
 def split(data, labels, targets, args):
     """Stratified split; falls back to a plain random split when some class is too small."""
     try:
-        return train_test_split(data, targets, labels, test_size=args.test_size,
+        return train_test_split(data, targets, test_size=args.test_size,
                                 random_state=args.seed, stratify=labels)
     except ValueError as error:
         log.warning("cannot stratify the split (%s); splitting at random", error)
-        return train_test_split(data, targets, labels, test_size=args.test_size,
-                                random_state=args.seed)
+        return train_test_split(data, targets, test_size=args.test_size, random_state=args.seed)
 
 
-def build_callbacks(args):
+def build_callbacks(args, resuming):
     checkpoint_dir = os.path.join(args.output, "checkpoints")
+    backup_dir = os.path.join(args.output, BACKUP_DIR)
     return [
-        # First, so that the learning rate it sets is the one the loggers below record.
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=args.lr_factor,
-                                          patience=args.lr_patience, min_lr=args.min_lr,
-                                          verbose=1),
-        keras.callbacks.TerminateOnNaN(),
+        # First, so that the learning rate it sets is the one the loggers and the backup see.
+        ResumableReduceLROnPlateau(os.path.join(backup_dir, "plateau.json"),
+                                   monitor="val_loss", factor=args.lr_factor,
+                                   patience=args.lr_patience, min_lr=args.min_lr, verbose=1),
+        TerminateOnNaN(),
         PeriodicCheckpoint(os.path.join(checkpoint_dir, CHECKPOINT_PATTERN),
                            every=args.checkpoint_every, keep=args.keep_checkpoints,
                            monitor="val_loss",
                            save_best_only=args.checkpoint_best_only),
         keras.callbacks.TensorBoard(log_dir=os.path.join(args.logs, args.run_name)),
-        keras.callbacks.CSVLogger(os.path.join(args.output, "history.csv")),
+        keras.callbacks.CSVLogger(os.path.join(args.output, HISTORY_FILE), append=resuming),
+        # Last: the backup of an epoch is complete only once everything above has run.
+        keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True),
     ]
 
 
@@ -263,6 +326,66 @@ def save_plot(history, path):
     plt.close(figure)
 
 
+def resume_point(args):
+    """The interrupted run to resume, as (run name, first epoch), or None to start afresh.
+
+    The backup folder remembers the settings it was made with; resuming with other settings
+    would silently mix two experiments, so that is refused.
+    """
+    backup_dir = os.path.join(args.output, BACKUP_DIR)
+    run_file = os.path.join(backup_dir, "run.json")
+    if args.fresh:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    if not os.path.exists(run_file):
+        os.makedirs(backup_dir, exist_ok=True)
+        with artifacts.atomic_path(run_file) as temporary:
+            with open(temporary, "w") as handle:
+                json.dump({"settings": resume_settings(args), "run_name": args.run_name}, handle)
+        return None
+    with open(run_file) as handle:
+        run = json.load(handle)
+    if run["settings"] != resume_settings(args):
+        changed = sorted(key for key, value in resume_settings(args).items()
+                         if run["settings"].get(key) != value)
+        raise images.UserError(
+            f"{backup_dir} holds an interrupted run with other settings ({', '.join(changed)}): "
+            "run it again with the same flags to resume, or add --fresh to start over")
+    epoch = 0
+    metadata = os.path.join(backup_dir, "training_metadata.json")
+    if os.path.exists(metadata):
+        with open(metadata) as handle:
+            epoch = json.load(handle)["epoch"]
+    return run["run_name"], epoch
+
+
+def resume_settings(args):
+    return {key: value for key, value in vars(args).items() if key not in NOT_RESUME_RELEVANT}
+
+
+def check_free_space(model, args):
+    """Fail before training, not after it, when the output disk cannot hold the files."""
+    per_model = model.count_params() * 4 * 3  # weights plus Adam's two moments, float32
+    copies = min(args.keep_checkpoints or args.epochs, args.epochs) + 3  # + final, 2 backups
+    free = shutil.disk_usage(args.output).free
+    if free < per_model * copies:
+        raise images.UserError(
+            f"only {free / 1e6:.0f} MB free for {args.output}, about "
+            f"{per_model * copies / 1e6:.0f} MB needed (fewer with --keep-checkpoints)")
+
+
+def read_history(output):
+    """Per-epoch metrics from history.csv: every epoch, also those before a resume."""
+    rows = {}
+    path = os.path.join(output, HISTORY_FILE)
+    if not os.path.exists(path):  # stopped before the first epoch ended
+        return {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows[int(row["epoch"])] = row  # a repeated epoch (resumed mid-way): keep the last
+    keys = next(iter(rows.values())).keys() if rows else []
+    return {key: [float(rows[epoch][key]) for epoch in sorted(rows)] for key in keys}
+
+
 def train(args):
     """Run the whole pipeline; return a summary dict (paths and test accuracy)."""
     prepare_folders(args)
@@ -271,8 +394,7 @@ def train(args):
     data, labels = load_dataset(args)
     binarizer, targets = artifacts.fit_binarizer(labels)
     classes = [str(name) for name in binarizer.classes_]
-    artifacts.save_labels(binarizer, args.output, args.image_size)
-    train_x, test_x, train_y, test_y, train_labels, _ = split(data, labels, targets, args)
+    train_x, test_x, train_y, test_y = split(data, labels, targets, args)
     log.info("%d classes: %s", len(classes), ", ".join(
         f"{name} ({np.sum(labels == name)})" for name in classes))
     log.info("training on %d images, testing on %d", len(train_x), len(test_x))
@@ -288,30 +410,51 @@ def train(args):
                           bn_momentum=args.bn_momentum)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr),
                   loss="categorical_crossentropy", metrics=["accuracy"])
+    check_free_space(model, args)
+    resume = resume_point(args)
+    if resume:
+        args.run_name, first_epoch = resume
+        log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
+                 args.run_name, first_epoch)
+    artifacts.save_labels(binarizer, args.output, args.image_size)
     write_config(args, classes, len(train_x), len(test_x))
 
     started = time.perf_counter()
-    # shuffle=False: the pipeline reshuffles itself each epoch.
-    history = model.fit(train_batches, validation_data=test_batches, epochs=args.epochs,
-                        shuffle=False, callbacks=build_callbacks(args), verbose=2).history
+    interrupted = False
+    try:
+        # shuffle=False: the pipeline reshuffles itself each epoch.
+        model.fit(train_batches, validation_data=test_batches, epochs=args.epochs,
+                  shuffle=False, callbacks=build_callbacks(args, resuming=bool(resume)),
+                  verbose=2)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: saving the model and reports of the epochs done; run the "
+                    "same command again to resume from the last completed epoch")
     seconds = time.perf_counter() - started
-    epochs_run = len(history["loss"])
-    log.info("trained %d epochs in %.1f s (%.2f s per epoch)", epochs_run, seconds,
-             seconds / max(epochs_run, 1))
+    history = read_history(args.output)
+    epochs_run = len(history.get("loss", []))
+    if epochs_run and not finite_losses({key: values[-1] for key, values in history.items()}):
+        shutil.rmtree(os.path.join(args.output, BACKUP_DIR), ignore_errors=True)
+        raise TrainingDiverged(
+            f"the loss became NaN or infinite in epoch {epochs_run}, and TerminateOnNaN stopped "
+            f"training: "
+            f"try a lower learning rate than --lr {args.lr}. The last good checkpoint, if any, "
+            f"is in {os.path.join(args.output, 'checkpoints')}")
+    log.info("trained %d epochs in %.1f s", epochs_run, seconds)
 
     model_path = os.path.join(args.output, artifacts.MODEL_FILE)
     with artifacts.atomic_path(model_path) as temporary:
         model.save(temporary)
-
     probabilities = model.predict(test_batches, verbose=0)
     true, predicted = test_y.argmax(axis=1), probabilities.argmax(axis=1)
     report = save_report(true, predicted, classes, args.output)
-    save_plot(history, os.path.join(args.output, "training_plot.png"))
-    accuracy = float(np.mean(true == predicted))
+    if epochs_run:
+        save_plot(history, os.path.join(args.output, "training_plot.png"))
     print(report)
-    return {"model": model_path, "test_accuracy": accuracy, "epochs": epochs_run,
-            "seconds": seconds, "classes": classes, "output": args.output,
-            "logs": os.path.join(args.logs, args.run_name)}
+    return {"model": model_path, "test_accuracy": float(np.mean(true == predicted)),
+            "epochs": epochs_run, "seconds": seconds, "classes": classes,
+            "output": args.output, "logs": os.path.join(args.logs, args.run_name),
+            "interrupted": interrupted}
 
 
 def write_config(args, classes, train_count, test_count):
@@ -334,13 +477,22 @@ def main(argv=None):
     try:
         summary = train(parse_args(argv))
     except images.UserError as error:
-        logging.getLogger("train").error("%s", error)
+        log.error("%s", error)
         return 2
+    except TrainingDiverged as error:
+        log.error("%s", error)
+        return 3
+    except OSError as error:  # a full disk or a folder that went away mid-run
+        log.error("cannot write %s: %s", error.filename or "the output", error.strerror or error)
+        return 2
+    except KeyboardInterrupt:
+        log.warning("interrupted before training started")
+        return 130
     print(f"model: {summary['model']}")
     print(f"reports and plots: {summary['output']}")
     print(f"TensorBoard: tensorboard --logdir {os.path.dirname(summary['logs']) or '.'}")
     print(f"test accuracy: {summary['test_accuracy']:.2f}")
-    return 0
+    return 130 if summary["interrupted"] else 0
 
 
 if __name__ == "__main__":
