@@ -61,7 +61,7 @@ def test_demo_trains_a_users_own_dataset_with_the_default_settings(tmp_path, mon
     def fake_train(args):
         seen["args"] = args
         return {"model": "m", "output": "Output", "logs": "logs/run", "epochs": 1,
-                "seconds": 1.0, "test_accuracy": 0.5}
+                "seconds": 1.0, "test_accuracy": 0.5, "interrupted": False}
 
     monkeypatch.setattr(main.train, "train", fake_train)
     assert main.main([]) == 0
