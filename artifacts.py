@@ -1,4 +1,4 @@
-"""What train.py leaves in Output/ for predict.py: labels, model metadata, and safe ways to read them.
+"""What train.py leaves in Output/ for predict.py: labels, their metadata, safe ways to read them.
 
 labels.pickle is the blog's pickled LabelBinarizer. A pickle can run any code when it is
 loaded, so it is read back with an unpickler that only admits the classes a binarizer is

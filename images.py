@@ -105,7 +105,7 @@ def _to_rgb(image):
 
 
 def resize(image, image_size):
-    """Squash to image_size x image_size like the blog; INTER_AREA avoids aliasing when shrinking."""
+    """Squash to a square like the blog; INTER_AREA avoids aliasing when shrinking."""
     return cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
 
 

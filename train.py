@@ -14,7 +14,6 @@ import csv
 import glob
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -57,7 +56,8 @@ def build_parser():
         description="Train the small VGG network on a folder of images, one sub-folder per class.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", default="Dataset", help="folder with one sub-folder per class")
-    parser.add_argument("--output", default="Output", help="folder for the model, labels and reports")
+    parser.add_argument("--output", default="Output",
+                        help="folder for the model, labels and reports")
     parser.add_argument("--logs", default="logs", help="folder for TensorBoard runs")
     parser.add_argument("--run-name", default=None,
                         help="TensorBoard run name; none means vgg-<date>-<time>")
@@ -65,7 +65,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
     parser.add_argument("--lr", type=float, default=0.0007, help="Adam learning rate")
     parser.add_argument("--image-size", type=int, default=64, help="images are resized to NxN")
-    parser.add_argument("--test-size", type=float, default=0.15, help="fraction held out for testing")
+    parser.add_argument("--test-size", type=float, default=0.15,
+                        help="fraction held out for testing")
     parser.add_argument("--seed", type=int, default=42, help="seed for shuffle, split and weights")
     parser.add_argument("--bn-momentum", type=float, default=0.9,
                         help="BatchNormalization momentum (the blog's Keras default was 0.99)")
@@ -116,20 +117,33 @@ def parse_args(argv=None):
 class PeriodicCheckpoint(keras.callbacks.ModelCheckpoint):
     """ModelCheckpoint that only considers every `every`-th epoch and keeps the newest `keep`
     files (0: all). Keras 3 removed `period`, and its integer save_freq counts batches, when
-    val_loss (part of the file name) is not known yet."""
+    val_loss (part of the file name) is not known yet.
 
-    def __init__(self, filepath, every, keep, **kwargs):
-        super().__init__(filepath, **kwargs)
+    Keras writes each checkpoint into a hidden .partial/ folder first; only a complete file
+    is moved into the checkpoint folder, so a crash mid-write leaves no truncated model there.
+    """
+
+    def __init__(self, folder, every, keep, **kwargs):
+        self.folder = folder
+        self.partial = os.path.join(folder, ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        super().__init__(os.path.join(self.partial, CHECKPOINT_PATTERN), **kwargs)
         self.every, self.keep = every, keep
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every or not finite_losses(logs or {}):
             return  # a NaN model never replaces the last good checkpoint
         super().on_epoch_end(epoch, logs)
+        for name in os.listdir(self.partial) if os.path.isdir(self.partial) else []:
+            os.replace(os.path.join(self.partial, name), os.path.join(self.folder, name))
         if self.keep:
-            pattern = os.path.join(os.path.dirname(self.filepath), "VGG_epoch-*.keras")
+            pattern = os.path.join(self.folder, "VGG_epoch-*.keras")
             for old in sorted(glob.glob(pattern), key=os.path.getmtime)[:-self.keep]:
                 os.remove(old)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        shutil.rmtree(self.partial, ignore_errors=True)
 
 
 class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
@@ -278,9 +292,8 @@ def build_callbacks(args, resuming):
                                    monitor="val_loss", factor=args.lr_factor,
                                    patience=args.lr_patience, min_lr=args.min_lr, verbose=1),
         TerminateOnNaN(),
-        PeriodicCheckpoint(os.path.join(checkpoint_dir, CHECKPOINT_PATTERN),
-                           every=args.checkpoint_every, keep=args.keep_checkpoints,
-                           monitor="val_loss",
+        PeriodicCheckpoint(checkpoint_dir, every=args.checkpoint_every,
+                           keep=args.keep_checkpoints, monitor="val_loss",
                            save_best_only=args.checkpoint_best_only),
         keras.callbacks.TensorBoard(log_dir=os.path.join(args.logs, args.run_name)),
         keras.callbacks.CSVLogger(os.path.join(args.output, HISTORY_FILE), append=resuming),
@@ -381,6 +394,8 @@ def read_history(output):
         return {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
+            if None in row.values() or "" in row.values():
+                continue  # a line cut short by a crash while it was being written
             rows[int(row["epoch"])] = row  # a repeated epoch (resumed mid-way): keep the last
     keys = next(iter(rows.values())).keys() if rows else []
     return {key: [float(rows[epoch][key]) for epoch in sorted(rows)] for key in keys}

@@ -16,7 +16,8 @@ def _png_header_only(width, height):
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
 
 
 def _photo(size=(40, 30), seed=0):

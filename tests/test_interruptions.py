@@ -147,3 +147,37 @@ def test_a_model_with_python_code_is_refused_unless_trusted(trained_run, tmp_pat
     assert "Lambda layer" in caplog.text and "--unsafe-model" in caplog.text
     assert predict.main([*flags, "--unsafe-model"]) == 0
     assert capsys.readouterr().out.count("x.png: ") == 1
+
+
+def test_reduce_lr_on_plateau_resumes_its_patience_count(tmp_path):
+    state = str(tmp_path / "plateau.json")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.1), loss="mse")
+
+    def callback():
+        plateau = train.ResumableReduceLROnPlateau(state, monitor="val_loss", factor=0.5,
+                                                   patience=2)
+        plateau.set_model(model)
+        plateau.on_train_begin()
+        return plateau
+
+    first = callback()
+    for epoch, val_loss in enumerate([1.0, 1.1]):  # one epoch without improvement
+        first.on_epoch_begin(epoch)
+        first.on_epoch_end(epoch, {"val_loss": val_loss})
+    resumed = callback()  # a new process: the count starts from the saved state
+    resumed.on_epoch_begin(2)
+    resumed.on_epoch_end(2, {"val_loss": 1.2})  # the second: patience 2 is used up
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
+
+
+def test_a_history_line_cut_short_by_a_crash_is_ignored(tmp_path):
+    (tmp_path / "history.csv").write_text(
+        "epoch,loss,val_loss\n0,1.5,1.6\n1,1.2,1.3\n1,1.1,1.2\n2,0.9")
+    history = train.read_history(str(tmp_path))
+    assert history == {"epoch": [0.0, 1.0], "loss": [1.5, 1.1], "val_loss": [1.6, 1.2]}
+
+
+def test_checkpoints_appear_only_when_complete(trained_run):
+    folder = os.path.join(trained_run["output"], "checkpoints")
+    assert os.listdir(folder) and not os.path.exists(os.path.join(folder, ".partial"))

@@ -4,7 +4,6 @@ import os
 import re
 
 import numpy as np
-import pytest
 
 import demo
 import main

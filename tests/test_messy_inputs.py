@@ -55,7 +55,8 @@ def test_training_on_a_messy_folder_uses_every_decodable_image(tmp_path, demo_da
     for class_name in ("black_dress", "red_shoes"):
         source = os.path.join(demo_dataset, class_name)
         for name in os.listdir(source):
-            write_all(str(dataset / class_name), {name: open(os.path.join(source, name), "rb").read()})
+            with open(os.path.join(source, name), "rb") as handle:
+                write_all(str(dataset / class_name), {name: handle.read()})
     write_all(str(dataset / "black_dress"), bad_files())
     write_all(str(dataset / "red_shoes" / "nested"), odd_files())
     write_all(str(dataset / "red_shoes"), ignored_files())
