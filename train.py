@@ -11,9 +11,11 @@ TensorBoard events go to logs/<run name>.
 
 import argparse
 import csv
+import functools
 import glob
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -190,38 +192,52 @@ def finite_losses(logs):
 _transform_lock = threading.Lock()
 
 
-def batches(x, y, batch_size, augmentation=None, seed=None):
-    """A tf.data pipeline of (float32 images, targets) batches from uint8 images.
+def batches(x, y, batch_size):
+    """Evaluation batches of uint8 images x as float32, in order, without augmentation."""
+    def make_batch(start):
+        chosen = np.arange(start, min(start + batch_size, len(x)))
+        return x[chosen].astype(np.float32), y[chosen]
 
-    Only indices travel through tf.data; each batch is gathered from x (kept uint8 until
-    now) and, for training, transformed by the ImageDataGenerator in parallel map calls, so
-    the next batches are prepared while the current one trains. With augmentation the order
-    is reshuffled every epoch; every epoch visits every image once. Keras's PyDataset route
-    was measured about half as fast here: it copies each batch through a Python generator.
+    return _pipeline(tf.data.Dataset.range(0, len(x), batch_size), make_batch, x, y)
+
+
+def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0):
+    """Augmented batches, epoch after epoch from first_epoch, without end: fit them with
+    steps_per_epoch = ceil(len(x) / batch_size), so that every epoch sees every image once.
+
+    The order and the ImageDataGenerator transforms of epoch e depend only on (seed, e): a
+    run resumed at epoch e sees the batches the uninterrupted run would have seen, not a
+    replay of the first epochs. Keras's PyDataset route was measured about half as fast
+    here: it copies each batch through a Python generator.
     """
-    indices = tf.data.Dataset.range(len(x))
-    if augmentation is not None:
-        indices = indices.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    indices = indices.batch(batch_size)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    steps = math.ceil(len(x) / batch_size)
 
-    def make_batch(batch_indices, batch_seed):
-        images = x[batch_indices].astype(np.float32)
-        if augmentation is not None:
-            rng = np.random.default_rng(batch_seed)
-            images = np.stack([random_transform(augmentation, image, rng) for image in images])
-        return images, y[batch_indices]
+    @functools.lru_cache(maxsize=4)
+    def order(epoch):
+        return np.random.default_rng([seed, epoch]).permutation(len(x))
 
-    def tf_make_batch(batch_indices, batch_seed):
-        images, targets = tf.numpy_function(make_batch, [batch_indices, batch_seed],
-                                            [tf.float32, tf.float32])
+    def make_batch(position):
+        epoch, step = divmod(int(position), steps)
+        chosen = order(epoch)[step * batch_size:(step + 1) * batch_size]
+        rng = np.random.default_rng([seed, epoch, step])
+        images = np.stack([random_transform(augmentation, x[i].astype(np.float32), rng)
+                           for i in chosen])
+        return images, y[chosen]
+
+    return _pipeline(tf.data.Dataset.counter(start=first_epoch * steps), make_batch, x, y)
+
+
+def _pipeline(positions, make_batch, x, y):
+    """Only positions travel through tf.data; make_batch gathers each batch from x (uint8
+    until then) in parallel map calls, so the next batches are ready while one trains."""
+    def tf_make_batch(position):
+        images, targets = tf.numpy_function(make_batch, [position], [tf.float32, tf.float32])
         images.set_shape((None, *x.shape[1:]))
         targets.set_shape((None, *y.shape[1:]))
         return images, targets
 
-    return (tf.data.Dataset.zip(indices, seeds)
-            .map(tf_make_batch, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    return positions.map(tf_make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE)
 
 
 def random_transform(generator, image, rng):
@@ -418,8 +434,6 @@ def train(args):
         rotation_range=args.rotation_range, width_shift_range=args.width_shift_range,
         height_shift_range=args.height_shift_range, shear_range=args.shear_range,
         zoom_range=args.zoom_range, horizontal_flip=args.horizontal_flip, fill_mode="nearest")
-    train_batches = batches(train_x, train_y, args.batch_size, augmentation, seed=args.seed)
-    test_batches = batches(test_x, test_y, args.batch_size)
 
     model = vgg.build_vgg((args.image_size, args.image_size, 3), len(classes),
                           bn_momentum=args.bn_momentum)
@@ -427,10 +441,14 @@ def train(args):
                   loss="categorical_crossentropy", metrics=["accuracy"])
     check_free_space(model, args)
     resume = resume_point(args)
+    first_epoch = 0
     if resume:
         args.run_name, first_epoch = resume
         log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
                  args.run_name, first_epoch)
+    train_batches = training_batches(train_x, train_y, args.batch_size, augmentation,
+                                     args.seed, first_epoch)
+    test_batches = batches(test_x, test_y, args.batch_size)
     artifacts.save_labels(binarizer, args.output, args.image_size)
     write_config(args, classes, len(train_x), len(test_x))
 
@@ -438,9 +456,9 @@ def train(args):
     interrupted = False
     try:
         # shuffle=False: the pipeline reshuffles itself each epoch.
-        model.fit(train_batches, validation_data=test_batches, epochs=args.epochs,
-                  shuffle=False, callbacks=build_callbacks(args, resuming=bool(resume)),
-                  verbose=2)
+        model.fit(train_batches, steps_per_epoch=math.ceil(len(train_x) / args.batch_size),
+                  validation_data=test_batches, epochs=args.epochs, shuffle=False,
+                  callbacks=build_callbacks(args, resuming=bool(resume)), verbose=2)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: saving the model and reports of the epochs done; run the "

@@ -10,6 +10,7 @@ import sys
 
 import keras
 import numpy as np
+from tensorflow.keras.preprocessing.image import ImageDataGenerator
 import pytest
 
 import artifacts
@@ -98,31 +99,47 @@ def test_missing_dataset_exits_2_without_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_every_epoch_sees_the_whole_training_split():
-    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(2, axis=1).repeat(2, axis=2)
-    x = x.repeat(3, axis=3)
-    y = np.eye(10, dtype="float32")
-    dataset = train.batches(x, y, batch_size=4, augmentation=None)
-    for _ in range(2):
-        seen = np.concatenate([targets.numpy().argmax(axis=1) for _, targets in dataset])
-        assert sorted(seen.tolist()) == list(range(10))
+def numbered_images(count):
+    x = np.zeros((count, 8, 8, 3), np.uint8)
+    for index in range(count):
+        x[index] = index * 20
+    return x, np.eye(count, dtype="float32")
+
+
+def test_evaluation_batches_keep_the_order():
+    x, y = numbered_images(10)
+    seen = np.concatenate([t.numpy().argmax(axis=1) for _, t in train.batches(x, y, 4)])
+    assert seen.tolist() == list(range(10))
+
+
+def epochs_of(dataset, steps, count):
+    iterator = iter(dataset)
+    return [[int(label) for _ in range(steps)
+             for label in next(iterator)[1].numpy().argmax(axis=1)] for _ in range(count)]
+
+
+def test_every_epoch_sees_the_whole_training_split_in_a_new_order():
+    x, y = numbered_images(12)
+    flip_only = ImageDataGenerator(horizontal_flip=True)
+    epochs = epochs_of(train.training_batches(x, y, 5, flip_only, seed=0), steps=3, count=3)
+    for order in epochs:
+        assert sorted(order) == list(range(12))
+    assert epochs[0] != epochs[1] != epochs[2]
 
 
 def test_augmented_batches_keep_images_and_labels_together():
-    x = np.zeros((12, 8, 8, 3), np.uint8)
-    for index in range(12):
-        x[index] = index * 20
-    y = np.eye(12, dtype="float32")
-    from tensorflow.keras.preprocessing.image import ImageDataGenerator
+    x, y = numbered_images(12)
     flip_only = ImageDataGenerator(horizontal_flip=True)
-    dataset = train.batches(x, y, batch_size=5, augmentation=flip_only, seed=0)
-    epochs = []
-    for _ in range(2):
-        order = []
-        for images, targets in dataset:
-            labels = targets.numpy().argmax(axis=1)
-            assert np.allclose(images.numpy()[:, 0, 0, 0], labels * 20)
-            order += labels.tolist()
-        assert sorted(order) == list(range(12))
-        epochs.append(order)
-    assert epochs[0] != epochs[1], "the order should be reshuffled every epoch"
+    for images, targets in train.training_batches(x, y, 5, flip_only, seed=0).take(6):
+        assert np.allclose(images.numpy()[:, 0, 0, 0], targets.numpy().argmax(axis=1) * 20)
+
+
+def test_a_resumed_run_sees_the_batches_of_its_epoch_not_a_replay():
+    x, y = numbered_images(12)
+    shift = ImageDataGenerator(width_shift_range=0.3)
+    whole = iter(train.training_batches(x, y, 5, shift, seed=7))
+    uninterrupted = [next(whole) for _ in range(9)][6:]  # epoch 2 (0-based)
+    resumed = list(train.training_batches(x, y, 5, shift, seed=7, first_epoch=2).take(3))
+    for (a_images, a_targets), (b_images, b_targets) in zip(uninterrupted, resumed):
+        np.testing.assert_array_equal(a_targets.numpy(), b_targets.numpy())
+        np.testing.assert_array_equal(a_images.numpy(), b_images.numpy())
