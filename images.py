@@ -80,10 +80,13 @@ def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS, min_side=None):
         raise
     except Image.DecompressionBombError as error:
         raise ImageError(str(error)) from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as error:
-        reason = str(error) or type(error).__name__
+    except (OSError, ValueError, SyntaxError) as error:
         if os.path.exists(path) and os.path.getsize(path) == 0:
             reason = "empty file"
+        elif isinstance(error, Image.UnidentifiedImageError):
+            reason = "cannot identify the image format"  # Pillow's message repeats the path
+        else:
+            reason = str(error) or type(error).__name__
         raise ImageError(reason) from None
 
 
