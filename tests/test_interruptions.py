@@ -28,7 +28,10 @@ def command(dataset, work, *extra):
 def start_and_stop_after_an_epoch(cmd, work, stop_signal):
     """Start training and send stop_signal once the first epoch has been backed up."""
     marker = work / "Output" / "backup" / "training_metadata.json"
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that started us in the background may have set SIGINT to "ignore", and a child
+    # would inherit that: give the child Ctrl-C back, as in a terminal.
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert process.poll() is None, process.communicate()
