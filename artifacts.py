@@ -48,6 +48,13 @@ def atomic_path(path):
         raise
 
 
+def write_json(path, value):
+    """Write value as JSON to path, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=2)
+
+
 def fit_binarizer(labels):
     """Fit the blog's LabelBinarizer and return it with the one-hot targets."""
     binarizer = LabelBinarizer().fit(labels)
@@ -72,9 +79,7 @@ def save_labels(binarizer, output_dir, image_size):
         "image_size": image_size,
         "color_order": COLOR_ORDER,
     }
-    with atomic_path(os.path.join(output_dir, LABELS_JSON)) as temporary:
-        with open(temporary, "w") as handle:
-            json.dump(info, handle, indent=2)
+    write_json(os.path.join(output_dir, LABELS_JSON), info)
 
 
 class _BinarizerUnpickler(pickle.Unpickler):

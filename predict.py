@@ -65,7 +65,7 @@ def load_model(path, unsafe=False):
     try:
         return keras.models.load_model(path, safe_mode=not unsafe)
     except ValueError as error:
-        if "Lambda" in str(error) or "lambda" in str(error):
+        if "lambda" in str(error).lower():
             raise images.UserError(
                 f"refusing to load {path}: it holds a Lambda layer with Python code, which "
                 "would run on loading; pass --unsafe-model if you trust the file") from None

@@ -168,11 +168,9 @@ class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        state = {"next_epoch": epoch + 1, "best": float(self.best), "wait": self.wait,
-                 "cooldown_counter": self.cooldown_counter}
-        with artifacts.atomic_path(self.state_path) as temporary:
-            with open(temporary, "w") as handle:
-                json.dump(state, handle)
+        artifacts.write_json(self.state_path, {
+            "next_epoch": epoch + 1, "best": float(self.best), "wait": self.wait,
+            "cooldown_counter": self.cooldown_counter})
 
 
 class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
@@ -363,18 +361,17 @@ def resume_point(args):
     """
     backup_dir = os.path.join(args.output, BACKUP_DIR)
     run_file = os.path.join(backup_dir, "run.json")
+    settings = resume_settings(args)
     if args.fresh:
         shutil.rmtree(backup_dir, ignore_errors=True)
     if not os.path.exists(run_file):
         os.makedirs(backup_dir, exist_ok=True)
-        with artifacts.atomic_path(run_file) as temporary:
-            with open(temporary, "w") as handle:
-                json.dump({"settings": resume_settings(args), "run_name": args.run_name}, handle)
+        artifacts.write_json(run_file, {"settings": settings, "run_name": args.run_name})
         return None
     with open(run_file) as handle:
         run = json.load(handle)
-    if run["settings"] != resume_settings(args):
-        changed = sorted(key for key, value in resume_settings(args).items()
+    if run["settings"] != settings:
+        changed = sorted(key for key, value in settings.items()
                          if run["settings"].get(key) != value)
         raise images.UserError(
             f"{backup_dir} holds an interrupted run with other settings ({', '.join(changed)}): "
@@ -470,9 +467,8 @@ def train(args):
         shutil.rmtree(os.path.join(args.output, BACKUP_DIR), ignore_errors=True)
         raise TrainingDiverged(
             f"the loss became NaN or infinite in epoch {epochs_run}, and TerminateOnNaN stopped "
-            f"training: "
-            f"try a lower learning rate than --lr {args.lr}. The last good checkpoint, if any, "
-            f"is in {os.path.join(args.output, 'checkpoints')}")
+            f"training: try a lower learning rate than --lr {args.lr}. The last good "
+            f"checkpoint, if any, is in {os.path.join(args.output, 'checkpoints')}")
     log.info("trained %d epochs in %.1f s", epochs_run, seconds)
 
     model_path = os.path.join(args.output, artifacts.MODEL_FILE)
@@ -494,9 +490,7 @@ def write_config(args, classes, train_count, test_count):
     """The resolved configuration, so that a run can be told apart and repeated."""
     config = dict(vars(args), classes=classes, train_images=train_count,
                   test_images=test_count, keras_version=keras.__version__)
-    with artifacts.atomic_path(os.path.join(args.output, "config.json")) as temporary:
-        with open(temporary, "w") as handle:
-            json.dump(config, handle, indent=2)
+    artifacts.write_json(os.path.join(args.output, "config.json"), config)
 
 
 def setup_logging(verbose=False):
