@@ -117,32 +117,51 @@ def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):
     return resize(decode_image(path, max_pixels, min_side=image_size), image_size)
 
 
+def decode_into(image_paths, image_size, store, max_pixels=DEFAULT_MAX_PIXELS, workers=None,
+                progress=True):
+    """Decode and resize files in parallel (Pillow and OpenCV release the GIL while decoding),
+    handing each image to store(position, image) as soon as it is ready, so that no more than
+    a few hundred decoded images are ever held at once.
+
+    Returns (position, reason) for every file that could not be used; a progress bar shows
+    images/s.
+    """
+    workers = workers or os.cpu_count() or 1
+    chunk = 64 * workers
+
+    def attempt(position):
+        try:
+            store(position, load_image(image_paths[position], image_size, max_pixels))
+            return None
+        except ImageError as error:
+            return position, str(error)
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(image_paths), desc="loading images", unit="img",
+                 disable=not progress) as bar:
+        for start in range(0, len(image_paths), chunk):
+            positions = range(start, min(start + chunk, len(image_paths)))
+            failures.extend(failure for failure in pool.map(attempt, positions) if failure)
+            bar.update(len(positions))
+    return failures
+
+
 def load_images(image_paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, workers=None,
                 progress=True):
-    """Load many files in parallel (Pillow and OpenCV release the GIL while decoding).
+    """Load many files into memory, in parallel.
 
     Returns (images, kept, skipped): a uint8 array of the images that decoded, the indices
     of those images in image_paths, and a list of (path, reason) for the files skipped.
     """
-    workers = workers or os.cpu_count() or 1
+    array = np.zeros((len(image_paths), image_size, image_size, 3), np.uint8)
 
-    def attempt(path):
-        try:
-            return load_image(path, image_size, max_pixels), None
-        except ImageError as error:
-            return None, str(error)
+    def store(position, image):
+        array[position] = image
 
-    images, kept, skipped = [], [], []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(attempt, image_paths)
-        bar = tqdm(results, total=len(image_paths), desc="loading images", unit="img",
-                   disable=not progress)
-        for index, (image, reason) in enumerate(bar):
-            if image is None:
-                log.warning("skipped %s: %s", image_paths[index], reason)
-                skipped.append((image_paths[index], reason))
-            else:
-                images.append(image)
-                kept.append(index)
-    array = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return array, kept, skipped
+    failures = dict(decode_into(image_paths, image_size, store, max_pixels, workers, progress))
+    for position, reason in failures.items():
+        log.warning("skipped %s: %s", image_paths[position], reason)
+    kept = [position for position in range(len(image_paths)) if position not in failures]
+    skipped = [(image_paths[position], reason) for position, reason in failures.items()]
+    return (array[kept] if failures else array), kept, skipped

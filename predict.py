@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO chatter; warnings stay
 
@@ -36,6 +37,8 @@ def build_parser():
     parser.add_argument("--output", default=os.path.join("Output", "predictions"),
                         help="folder for the annotated copies")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="threads for decoding images and writing the annotated copies")
     parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                         help="refuse images whose header claims more pixels than this")
     parser.add_argument("--unsafe-model", action="store_true",
@@ -121,25 +124,39 @@ def predict(args):
         print(f"{path}: error: no such file or folder", file=sys.stderr)
     os.makedirs(args.output, exist_ok=True)
     failures, taken = len(missing), set()
-    for start in range(0, len(paths), args.batch_size):
-        loaded = []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                loaded.append((path, images.load_image(path, image_size, args.max_pixels)))
-            except images.ImageError as error:
-                print(f"{path}: error: {error}", file=sys.stderr)
-                failures += 1
-        if not loaded:
-            continue
-        batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
-        for (path, _), probabilities in zip(loaded, model.predict_on_batch(batch)):
-            best = int(np.argmax(probabilities))
-            text = f"{classes[best]} {probabilities[best] * 100:.2f}%"
-            print(f"{path}: {text}")
-            # The full-size picture for the annotated copy; the model saw load_image's pixels.
-            original = images.decode_image(path, args.max_pixels)
-            save_jpeg(os.path.join(args.output, output_name(path, taken)),
-                      annotate(original, text))
+
+    def attempt_load(path):
+        try:
+            return path, images.load_image(path, image_size, args.max_pixels), None
+        except images.ImageError as error:
+            return path, None, error
+
+    def write_copy(path, text, name):
+        # The full-size picture for the annotated copy; the model saw load_image's pixels.
+        original = images.decode_image(path, args.max_pixels)
+        save_jpeg(os.path.join(args.output, name), annotate(original, text))
+
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for start in range(0, len(paths), args.batch_size):
+            loaded = []
+            for path, pixels, error in pool.map(attempt_load,
+                                                paths[start:start + args.batch_size]):
+                if error:
+                    print(f"{path}: error: {error}", file=sys.stderr)
+                    failures += 1
+                else:
+                    loaded.append((path, pixels))
+            if not loaded:
+                continue
+            batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
+            copies = []
+            for (path, _), probabilities in zip(loaded, model.predict_on_batch(batch)):
+                best = int(np.argmax(probabilities))
+                text = f"{classes[best]} {probabilities[best] * 100:.2f}%"
+                print(f"{path}: {text}")
+                copies.append(pool.submit(write_copy, path, text, output_name(path, taken)))
+            for copy in copies:
+                copy.result()  # a write error stops the run here, as it did before
     return failures
 
 

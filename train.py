@@ -37,6 +37,7 @@ from sklearn.model_selection import train_test_split
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 import artifacts
+import image_cache
 import images
 import vgg
 
@@ -46,7 +47,12 @@ CHECKPOINT_PATTERN = "VGG_epoch-{epoch:02d}_loss-{loss:.4f}_val_loss-{val_loss:.
 HISTORY_FILE = "history.csv"
 BACKUP_DIR = "backup"
 # Settings that may change between an interrupted run and its resumption.
-NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs"}
+NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs", "cache_dir",
+                       "no_cache", "data_mode"}
+# Keras dtype policies behind --precision.
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# Datasets bigger than this share of the available memory are streamed from the cache.
+MEMORY_SHARE = 0.25
 
 
 class TrainingDiverged(Exception):
@@ -77,7 +83,24 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads for decoding images")
 
-    augment = parser.add_argument_group("augmentation (ImageDataGenerator, training split only)")
+    speed = parser.add_argument_group("speed and memory")
+    speed.add_argument("--cache-dir", default=None,
+                       help="where decoded images are kept between runs; none means "
+                            "<output>/cache")
+    speed.add_argument("--no-cache", action="store_true",
+                       help="decode every image again instead of using the cache")
+    speed.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
+                       help="hold the images in memory, or stream batches from the cache; "
+                            f"auto streams datasets over {MEMORY_SHARE * 100:.0f}%% of the free memory")
+    speed.add_argument("--precision", choices=("auto", *POLICIES), default="auto",
+                       help="float32, or mixed precision with bfloat16/float16 compute; auto "
+                            "picks bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX) and GPUs "
+                            "of compute capability 8+, float16 on 7.x GPUs, float32 otherwise")
+
+    augment = parser.add_argument_group("augmentation (training split only)")
+    augment.add_argument("--augment", choices=("generator", "layers"), default="generator",
+                         help="generator: ImageDataGenerator transforms; layers: the same "
+                              "transforms as Keras preprocessing layers inside tf.data")
     augment.add_argument("--rotation-range", type=float, default=45, help="degrees")
     augment.add_argument("--width-shift-range", type=float, default=0.1, help="fraction of width")
     augment.add_argument("--height-shift-range", type=float, default=0.1,
@@ -113,6 +136,10 @@ def parse_args(argv=None):
         raise images.UserError("--image-size must be at least 16 (the network halves it 4 times)")
     if args.run_name is None:
         args.run_name = time.strftime("vgg-%Y%m%d-%H%M%S")
+    if args.cache_dir is None:
+        args.cache_dir = os.path.join(args.output, "cache")
+    if args.no_cache and args.data_mode == "stream":
+        raise images.UserError("--data-mode stream reads batches from the cache: drop --no-cache")
     return args
 
 
@@ -203,12 +230,19 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0):
     """Augmented batches, epoch after epoch from first_epoch, without end: fit them with
     steps_per_epoch = ceil(len(x) / batch_size), so that every epoch sees every image once.
 
-    The order and the ImageDataGenerator transforms of epoch e depend only on (seed, e): a
-    run resumed at epoch e sees the batches the uninterrupted run would have seen, not a
-    replay of the first epochs. Keras's PyDataset route was measured about half as fast
-    here: it copies each batch through a Python generator.
+    x is a uint8 array in memory or image_cache.ImageRows on disk: either way each batch is
+    gathered from a fresh permutation of all the images (a full shuffle, 8 bytes per image),
+    and only the batches in flight are held as float32.
+
+    augmentation is an ImageDataGenerator, whose transforms run in parallel tf.data map
+    calls, a Keras layer applied to whole batches inside tf.data, or None. The order, and the
+    ImageDataGenerator transforms, of epoch e depend only on (seed, e): a run resumed at
+    epoch e sees the batches the uninterrupted run would have seen, not a replay of the
+    first epochs. Keras's PyDataset route was measured about half as fast here: it copies
+    each batch through a Python generator.
     """
     steps = math.ceil(len(x) / batch_size)
+    generator = augmentation if isinstance(augmentation, ImageDataGenerator) else None
 
     @functools.lru_cache(maxsize=4)
     def order(epoch):
@@ -217,12 +251,17 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0):
     def make_batch(position):
         epoch, step = divmod(int(position), steps)
         chosen = order(epoch)[step * batch_size:(step + 1) * batch_size]
-        rng = np.random.default_rng([seed, epoch, step])
-        images = np.stack([random_transform(augmentation, x[i].astype(np.float32), rng)
-                           for i in chosen])
+        images = x[chosen].astype(np.float32)
+        if generator:
+            rng = np.random.default_rng([seed, epoch, step])
+            images = np.stack([random_transform(generator, image, rng) for image in images])
         return images, y[chosen]
 
-    return _pipeline(tf.data.Dataset.counter(start=first_epoch * steps), make_batch, x, y)
+    dataset = _pipeline(tf.data.Dataset.counter(start=first_epoch * steps), make_batch, x, y)
+    if generator or augmentation is None:
+        return dataset
+    return dataset.map(lambda images, targets: (augmentation(images, training=True), targets),
+                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def _pipeline(positions, make_batch, x, y):
@@ -236,6 +275,34 @@ def _pipeline(positions, make_batch, x, y):
 
     return positions.map(tf_make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE)
+
+
+def augmentation_layers(args, seed):
+    """ImageDataGenerator's transforms with the same parameters, as Keras layers (None when
+    every transform is switched off)."""
+    def options(offset):
+        # float32 even under mixed precision: these run in tf.data, before the model casts.
+        return {"fill_mode": "nearest", "seed": seed + offset, "dtype": "float32"}
+
+    chosen = []
+    if args.rotation_range:
+        # RandomRotation's factor is a fraction of a full turn.
+        chosen.append(keras.layers.RandomRotation(args.rotation_range / 360, **options(1)))
+    if args.width_shift_range or args.height_shift_range:
+        chosen.append(keras.layers.RandomTranslation(
+            args.height_shift_range, args.width_shift_range, **options(2)))
+    if args.shear_range:
+        # ImageDataGenerator's shear_range is an angle in degrees; RandomShear wants the
+        # horizontal displacement per unit of height, tan(angle), sampled in [-f, f].
+        chosen.append(keras.layers.RandomShear(
+            x_factor=math.tan(math.radians(args.shear_range)), **options(3)))
+    if args.zoom_range:
+        # Like ImageDataGenerator, each axis is zoomed in or out by up to zoom_range on its own.
+        zoom = (-args.zoom_range, args.zoom_range)
+        chosen.append(keras.layers.RandomZoom(zoom, zoom, **options(4)))
+    if args.horizontal_flip:
+        chosen.append(keras.layers.RandomFlip("horizontal", seed=seed + 5, dtype="float32"))
+    return keras.Sequential(chosen, name="augmentation") if chosen else None
 
 
 def random_transform(generator, image, rng):
@@ -257,7 +324,10 @@ def prepare_folders(args):
 
 
 def load_dataset(args):
-    """Images (uint8, N x size x size x 3) and their class names, shuffled with the seed."""
+    """Images (uint8, N x size x size x 3) and their class names, shuffled with the seed.
+
+    The images come as an array, or with the cache as image_cache.ImageRows (still on disk).
+    """
     image_paths = images.list_images(args.dataset)
     image_paths = [path for path in image_paths if images.label_of(path, args.dataset)]
     folders = {entry.name for entry in os.scandir(args.dataset)
@@ -269,8 +339,13 @@ def load_dataset(args):
     random.Random(args.seed).shuffle(image_paths)
     log.info("found %d images in %s", len(image_paths), args.dataset)
 
-    data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
-                                             workers=args.workers)
+    if args.no_cache:
+        data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
+                                                 workers=args.workers)
+    else:
+        data, kept, skipped = image_cache.load_images(image_paths, args.image_size,
+                                                      args.cache_dir, args.max_pixels,
+                                                      workers=args.workers)
     with artifacts.atomic_path(os.path.join(args.output, "skipped_files.csv")) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -287,14 +362,80 @@ def load_dataset(args):
     return data, labels
 
 
-def split(data, labels, targets, args):
-    """Stratified split; falls back to a plain random split when some class is too small."""
+def split(data, labels, targets, args, in_memory):
+    """Stratified split; falls back to a plain random split when some class is too small.
+    Returns train_x, test_x, train_y, test_y, the images in memory or still on disk."""
+    positions = np.arange(len(labels))
     try:
-        return train_test_split(data, targets, test_size=args.test_size,
-                                random_state=args.seed, stratify=labels)
+        train_at, test_at = train_test_split(positions, test_size=args.test_size,
+                                             random_state=args.seed, stratify=labels)
     except ValueError as error:
         log.warning("cannot stratify the split (%s); splitting at random", error)
-        return train_test_split(data, targets, test_size=args.test_size, random_state=args.seed)
+        train_at, test_at = train_test_split(positions, test_size=args.test_size,
+                                             random_state=args.seed)
+    return take(data, train_at, in_memory), take(data, test_at, in_memory), \
+        targets[train_at], targets[test_at]
+
+
+def take(data, positions, in_memory):
+    if isinstance(data, np.ndarray):
+        return data[positions]
+    part = data.subset(positions)
+    return part.load() if in_memory else part
+
+
+def choose_data_mode(requested, dataset_bytes, free_bytes):
+    if requested != "auto":
+        return requested
+    return "stream" if dataset_bytes > MEMORY_SHARE * free_bytes else "memory"
+
+
+def available_memory():
+    """Bytes the system can still give without swapping (MemAvailable where Linux has it)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_precision(requested, gpu_capabilities, cpu_flags):
+    """The Keras dtype policy for --precision: bfloat16 only where the hardware computes
+    it natively (emulated, it is slower than float32), float16 on GPUs that have fast
+    float16 but no bfloat16, float32 everywhere else."""
+    if requested != "auto":
+        return POLICIES[requested]
+    if gpu_capabilities:
+        oldest = min(gpu_capabilities)
+        if oldest >= (8, 0):
+            return POLICIES["bfloat16"]
+        return POLICIES["float16"] if oldest >= (7, 0) else POLICIES["float32"]
+    if {"avx512_bf16", "amx_bf16"} & set(cpu_flags):
+        return POLICIES["bfloat16"]
+    return POLICIES["float32"]
+
+
+def gpu_capabilities():
+    """Compute capability (major, minor) of each visible GPU."""
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        found.append(tuple(capability) if capability else (0, 0))
+    return found
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
 
 
 def build_callbacks(args, resuming):
@@ -414,26 +555,45 @@ def read_history(output):
     return {key: [float(rows[epoch][key]) for epoch in sorted(rows)] for key in keys}
 
 
-def train(args):
-    """Run the whole pipeline; return a summary dict (paths and test accuracy)."""
+def train(args, extra_callbacks=()):
+    """Run the whole pipeline; return a summary dict (paths and test accuracy).
+
+    extra_callbacks are added to fit's (before the backup), for programs that drive train(),
+    like benchmarks/bench.py."""
     prepare_folders(args)
     keras.utils.set_random_seed(args.seed)
 
     data, labels = load_dataset(args)
     binarizer, targets = artifacts.fit_binarizer(labels)
     classes = [str(name) for name in binarizer.classes_]
-    train_x, test_x, train_y, test_y = split(data, labels, targets, args)
+    data_mode = choose_data_mode(args.data_mode, data.size, available_memory())
+    train_x, test_x, train_y, test_y = split(data, labels, targets, args,
+                                             in_memory=data_mode == "memory")
+    del data
+    precision = choose_precision(args.precision, gpu_capabilities(), cpu_flags())
+    log.info("images %s, %s precision", "in memory" if data_mode == "memory"
+             else f"streamed from {args.cache_dir}", precision)
     log.info("%d classes: %s", len(classes), ", ".join(
         f"{name} ({np.sum(labels == name)})" for name in classes))
     log.info("training on %d images, testing on %d", len(train_x), len(test_x))
 
-    augmentation = ImageDataGenerator(
-        rotation_range=args.rotation_range, width_shift_range=args.width_shift_range,
-        height_shift_range=args.height_shift_range, shear_range=args.shear_range,
-        zoom_range=args.zoom_range, horizontal_flip=args.horizontal_flip, fill_mode="nearest")
+    if args.augment == "layers":
+        augmentation = augmentation_layers(args, args.seed)
+    else:
+        augmentation = ImageDataGenerator(
+            rotation_range=args.rotation_range, width_shift_range=args.width_shift_range,
+            height_shift_range=args.height_shift_range, shear_range=args.shear_range,
+            zoom_range=args.zoom_range, horizontal_flip=args.horizontal_flip,
+            fill_mode="nearest")
 
-    model = vgg.build_vgg((args.image_size, args.image_size, 3), len(classes),
-                          bn_momentum=args.bn_momentum)
+    # Layers take the global policy when they are built; put it back for whatever runs next.
+    previous_policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        model = vgg.build_vgg((args.image_size, args.image_size, 3), len(classes),
+                              bn_momentum=args.bn_momentum)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr),
                   loss="categorical_crossentropy", metrics=["accuracy"])
     check_free_space(model, args)
@@ -447,15 +607,18 @@ def train(args):
                                      args.seed, first_epoch)
     test_batches = batches(test_x, test_y, args.batch_size)
     artifacts.save_labels(binarizer, args.output, args.image_size)
-    write_config(args, classes, len(train_x), len(test_x))
+    write_config(args, classes, len(train_x), len(test_x), data_mode=data_mode,
+                 precision=precision)
 
+    callbacks = build_callbacks(args, resuming=bool(resume))
+    callbacks[-1:-1] = extra_callbacks
     started = time.perf_counter()
     interrupted = False
     try:
         # shuffle=False: the pipeline reshuffles itself each epoch.
         model.fit(train_batches, steps_per_epoch=math.ceil(len(train_x) / args.batch_size),
                   validation_data=test_batches, epochs=args.epochs, shuffle=False,
-                  callbacks=build_callbacks(args, resuming=bool(resume)), verbose=2)
+                  callbacks=callbacks, verbose=2)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: saving the model and reports of the epochs done; run the "
@@ -486,10 +649,10 @@ def train(args):
             "interrupted": interrupted}
 
 
-def write_config(args, classes, train_count, test_count):
+def write_config(args, classes, train_count, test_count, **resolved):
     """The resolved configuration, so that a run can be told apart and repeated."""
     config = dict(vars(args), classes=classes, train_images=train_count,
-                  test_images=test_count, keras_version=keras.__version__)
+                  test_images=test_count, keras_version=keras.__version__, **resolved)
     artifacts.write_json(os.path.join(args.output, "config.json"), config)
 
 
