@@ -1,6 +1,6 @@
 """How fast this project loads, trains and predicts, beside the blog's way, on your data.
 
-    python benchmarks/bench.py path/to/dataset [--epochs 3] [--scales 1,3,10]
+    python benchmarks/bench.py path/to/dataset [--epochs 4] [--scales 1,3,10]
 
 Prints one table. Each measurement runs in its own process, so that its peak resident
 memory is its own:
@@ -16,8 +16,10 @@ memory is its own:
   copy is a separate file to decode and cache), for memory and time per epoch against size.
 
 Training throughput counts training steps only (validation and the per-epoch saves are
-left out), over the epochs after the first, which also traces the graph. Streams at K > 1
-run one epoch, so their figure includes that first-epoch overhead.
+left out): the median over the epochs after the first, which also traces the graph. Streams
+at K > 1 run one epoch: their epoch time includes that start-up, and their images/s is
+taken after the first few steps. The "model alone" row is the ceiling for any input
+pipeline: train_on_batch on one fixed batch, no data loading or augmentation at all.
 """
 
 import argparse
@@ -28,6 +30,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +47,7 @@ def build_parser():
         description="Benchmark loading, training and prediction against the blog's way.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dataset", help="folder with one sub-folder per class")
-    parser.add_argument("--epochs", type=int, default=3,
+    parser.add_argument("--epochs", type=int, default=4,
                         help="epochs for the blog, ours and layers rows (the first is not timed)")
     parser.add_argument("--scales", default="1,3,10",
                         help="dataset repetitions for the streaming rows")
@@ -97,8 +100,7 @@ def make_timer():
 def training_figures(timer, images_per_epoch, batch_size):
     """Median over the epochs after the first; and, within the first epoch, the rate after
     its first WARM_UP steps (graph tracing, pipeline start), for runs of a single epoch."""
-    timed = timer.seconds[1:] or timer.seconds
-    per_epoch = sorted(timed)[len(timed) // 2]
+    per_epoch = statistics.median(timer.seconds[1:] or timer.seconds)
     steps = timer.first_epoch_steps
     steady = None
     if len(steps) > WARM_UP + 1:
@@ -198,6 +200,7 @@ def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True)
                   test_accuracy=summary["test_accuracy"], data_mode=config_used["data_mode"],
                   precision=config_used["precision"])
     if measure_predict:
+        result["model_alone_images_per_s"] = model_alone_speed(args)
         folder = os.path.join(config["work"], "predict_input")
         if not os.path.isdir(folder):
             os.makedirs(folder)
@@ -211,6 +214,26 @@ def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True)
         assert code == 0, "predict.py failed"
         result["predict_images_per_s"] = len(os.listdir(folder)) / (time.perf_counter() - started)
     return result
+
+
+def model_alone_speed(args, steps=12):
+    """Training images/s of the model on one fixed batch: no input pipeline at all."""
+    import keras
+    import numpy as np
+
+    import vgg
+    model = vgg.build_vgg((args.image_size, args.image_size, 3), 10)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    pixels = np.random.default_rng(0).integers(0, 256, (args.batch_size, args.image_size,
+                                                        args.image_size, 3)).astype("float32")
+    targets = np.eye(10, dtype="float32")[np.arange(args.batch_size) % 10]
+    for _ in range(3):
+        model.train_on_batch(pixels, targets)
+    started = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(pixels, targets)
+    return steps * args.batch_size / (time.perf_counter() - started)
 
 
 def repeated_dataset(dataset, times, work):
@@ -303,6 +326,8 @@ def print_table(facts, results, args):
          ours.get("train_images_per_s")),
         ("  with --augment layers (images/s)", blog.get("train_images_per_s"),
          layers.get("train_images_per_s")),
+        ("  the model alone, no input (images/s)", blog.get("train_images_per_s"),
+         ours.get("model_alone_images_per_s")),
         ("peak memory (MB)", blog.get("peak_memory_mb"),
          ours.get("peak_memory_mb")),
         ("prediction (images/s)", blog.get("predict_images_per_s"),
