@@ -11,6 +11,7 @@ system's page cache keeps hot rows, and they do not count as the process's memor
 is what lets training stream datasets larger than memory.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -78,16 +79,24 @@ def file_key(path):
     return [os.path.abspath(path), status.st_size, status.st_mtime_ns]
 
 
+def folder_name(root):
+    """A cache name for a dataset folder: readable, and distinct for folders of one name."""
+    absolute = os.path.abspath(root)
+    readable = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.basename(absolute))
+    return f"{readable or 'root'}-{hashlib.sha1(absolute.encode()).hexdigest()[:8]}"
+
+
 def load_images(image_paths, image_size, cache_dir, max_pixels=images.DEFAULT_MAX_PIXELS,
-                workers=None, progress=True):
+                workers=None, progress=True, name="images"):
     """Like images.load_images, through the cache in cache_dir.
 
+    Each name (one per dataset folder, see folder_name) has its own files in cache_dir.
     Returns (rows, kept, skipped): an ImageRows over the images that decoded, their indices
     in image_paths, and (path, reason) for each file skipped. Files that failed to decode
     are remembered too, and not retried until they change.
     """
     os.makedirs(cache_dir, exist_ok=True)
-    index_path = os.path.join(cache_dir, f"images-{image_size}px.json")
+    index_path = os.path.join(cache_dir, f"{name}-{image_size}px.json")
     keys = [file_key(path) for path in image_paths]
     previous = _read_index(index_path, image_size)
     if previous and previous["keys"] == keys:
@@ -95,7 +104,7 @@ def load_images(image_paths, image_size, cache_dir, max_pixels=images.DEFAULT_MA
         data_path = os.path.join(cache_dir, previous["data"])
         reasons = previous["reasons"]
     else:
-        data_path, reasons = _rebuild(image_paths, keys, image_size, cache_dir, previous,
+        data_path, reasons = _rebuild(image_paths, keys, image_size, cache_dir, name, previous,
                                       max_pixels, workers, progress)
         old_data = previous and os.path.join(cache_dir, previous["data"])
         artifacts.write_json(index_path, {
@@ -123,10 +132,10 @@ def _read_index(index_path, image_size):
         return None  # no cache yet, or one from another version or cut short: start over
 
 
-def _rebuild(image_paths, keys, image_size, cache_dir, previous, max_pixels, workers,
+def _rebuild(image_paths, keys, image_size, cache_dir, name, previous, max_pixels, workers,
              progress):
     """Write a new data file: unchanged rows copied from the previous one, the rest decoded."""
-    data_path = os.path.join(cache_dir, f"images-{image_size}px-{uuid.uuid4().hex[:12]}.npy")
+    data_path = os.path.join(cache_dir, f"{name}-{image_size}px-{uuid.uuid4().hex[:12]}.npy")
     shape = (len(image_paths), image_size, image_size, 3)
     # open_memmap writes the .npy header and sizes the file; rows are then written with
     # pwrite, so the dataset never has to fit in memory.

@@ -32,8 +32,10 @@ matplotlib.use("Agg")  # files only: training runs on servers without a display
 import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
+import yaml
 from sklearn.metrics import ConfusionMatrixDisplay, classification_report
 from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 import artifacts
@@ -48,7 +50,7 @@ HISTORY_FILE = "history.csv"
 BACKUP_DIR = "backup"
 # Settings that may change between an interrupted run and its resumption.
 NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs", "cache_dir",
-                       "no_cache", "data_mode"}
+                       "no_cache", "data_mode", "config", "early_stopping"}
 # Keras dtype policies behind --precision.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # Datasets bigger than this share of the available memory are streamed from the cache.
@@ -63,7 +65,16 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Train the small VGG network on a folder of images, one sub-folder per class.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="JSON or YAML file whose keys are flags (epochs, batch_size, ...); "
+                             "flags given on the command line win")
     parser.add_argument("--dataset", default="Dataset", help="folder with one sub-folder per class")
+    parser.add_argument("--val-dir", default=None,
+                        help="validation images, one sub-folder per class; none means the test "
+                             "split doubles as validation data, as in the blog")
+    parser.add_argument("--test-dir", default=None,
+                        help="test images, one sub-folder per class; none means --test-size of "
+                             "--dataset is held out")
     parser.add_argument("--output", default="Output",
                         help="folder for the model, labels and reports")
     parser.add_argument("--logs", default="logs", help="folder for TensorBoard runs")
@@ -116,6 +127,11 @@ def build_parser():
     callbacks.add_argument("--lr-patience", type=int, default=5,
                            help="ReduceLROnPlateau: epochs without val_loss improvement")
     callbacks.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor")
+    callbacks.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+                           help="stop after PATIENCE epochs without a better val_loss and keep "
+                                "the best epoch's weights (0: off, as in the blog)")
+    callbacks.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                           help="balanced: weigh each class's loss by its rarity in training")
     callbacks.add_argument("--checkpoint-every", type=int, default=1,
                            help="write a checkpoint every N epochs")
     callbacks.add_argument("--checkpoint-best-only", action=argparse.BooleanOptionalAction,
@@ -129,7 +145,13 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        # The file's settings go first, so the command line's own flags override them.
+        argv = config_flags(read_config_file(config_path), parser) + argv
+    args = parser.parse_args(argv)
     if not 0 < args.test_size < 1:
         raise images.UserError(f"--test-size must be between 0 and 1, got {args.test_size}")
     if args.image_size < 16:
@@ -141,6 +163,43 @@ def parse_args(argv=None):
     if args.no_cache and args.data_mode == "stream":
         raise images.UserError("--data-mode stream reads batches from the cache: drop --no-cache")
     return args
+
+
+def read_config_file(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.lower().endswith((".yaml", ".yml")):
+                settings = yaml.safe_load(handle)
+            else:
+                settings = json.load(handle)
+    except OSError as error:
+        raise images.UserError(f"cannot read the config file {path}: {error.strerror}") from None
+    except (ValueError, yaml.YAMLError) as error:
+        raise images.UserError(f"{path} is not valid JSON or YAML: {error}") from None
+    if not isinstance(settings, dict):
+        raise images.UserError(f"{path} must hold a mapping of flag names to values")
+    return settings
+
+
+def config_flags(settings, parser):
+    """Command-line flags that say what the config file says, so that argparse checks the
+    values (types, choices) exactly as it checks flags."""
+    defaults = vars(parser.parse_args([]))
+    flags = []
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in defaults or name == "config":
+            raise images.UserError(f"unknown setting in the config file: {key} (the keys are "
+                                   f"the flags without dashes: {', '.join(sorted(defaults))})")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                flags.append(flag)
+            elif defaults[name]:
+                flags.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 class PeriodicCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -324,28 +383,19 @@ def prepare_folders(args):
 
 
 def load_dataset(args):
-    """Images (uint8, N x size x size x 3) and their class names, shuffled with the seed.
+    """The images (uint8, N x size x size x 3) and class names of --dataset, and of --val-dir
+    and --test-dir when given, each shuffled with the seed: {"train": (images, labels), ...}.
 
-    The images come as an array, or with the cache as image_cache.ImageRows (still on disk).
+    The images come as arrays, or with the cache as image_cache.ImageRows (still on disk).
     """
-    image_paths = images.list_images(args.dataset)
-    image_paths = [path for path in image_paths if images.label_of(path, args.dataset)]
-    folders = {entry.name for entry in os.scandir(args.dataset)
-               if entry.is_dir() and not entry.name.startswith(".")}
-    for empty in sorted(folders - {images.label_of(path, args.dataset) for path in image_paths}):
-        log.warning("class folder %s holds no images: ignored", os.path.join(args.dataset, empty))
-    if not image_paths:
-        raise images.UserError(f"no images found in class sub-folders of {args.dataset}")
-    random.Random(args.seed).shuffle(image_paths)
-    log.info("found %d images in %s", len(image_paths), args.dataset)
-
-    if args.no_cache:
-        data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
-                                                 workers=args.workers)
-    else:
-        data, kept, skipped = image_cache.load_images(image_paths, args.image_size,
-                                                      args.cache_dir, args.max_pixels,
-                                                      workers=args.workers)
+    folders = {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir}
+    loaded, skipped, found = {}, [], 0
+    for role, root in folders.items():
+        if root:
+            data, labels, unusable, listed = load_folder(root, args)
+            loaded[role] = data, labels
+            skipped += unusable
+            found += listed
     with artifacts.atomic_path(os.path.join(args.output, "skipped_files.csv")) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -353,13 +403,42 @@ def load_dataset(args):
             writer.writerows(skipped)
     if skipped:
         log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
-                    len(skipped), len(image_paths), os.path.join(args.output, "skipped_files.csv"))
-    labels = np.array([images.label_of(image_paths[i], args.dataset) for i in kept])
-    classes = sorted(set(labels))
+                    len(skipped), found, os.path.join(args.output, "skipped_files.csv"))
+    classes = set(loaded["train"][1])
     if len(classes) < 2:
         raise images.UserError(
             f"need images in at least 2 class folders of {args.dataset}, found {len(classes)}")
-    return data, labels
+    for role in ("validation", "test"):
+        unknown = set(loaded[role][1]) - classes if role in loaded else set()
+        if unknown:
+            raise images.UserError(
+                f"{folders[role]} has classes that {args.dataset} has not: "
+                f"{', '.join(sorted(unknown))}")
+    return loaded
+
+
+def load_folder(root, args):
+    """(images, labels, skipped files, files found) for one folder of class sub-folders."""
+    image_paths = images.list_images(root)
+    image_paths = [path for path in image_paths if images.label_of(path, root)]
+    folders = {entry.name for entry in os.scandir(root)
+               if entry.is_dir() and not entry.name.startswith(".")}
+    for empty in sorted(folders - {images.label_of(path, root) for path in image_paths}):
+        log.warning("class folder %s holds no images: ignored", os.path.join(root, empty))
+    if not image_paths:
+        raise images.UserError(f"no images found in class sub-folders of {root}")
+    random.Random(args.seed).shuffle(image_paths)
+    log.info("found %d images in %s", len(image_paths), root)
+
+    if args.no_cache:
+        data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
+                                                 workers=args.workers)
+    else:
+        data, kept, skipped = image_cache.load_images(
+            image_paths, args.image_size, args.cache_dir, args.max_pixels,
+            workers=args.workers, name=image_cache.folder_name(root))
+    labels = np.array([images.label_of(image_paths[i], root) for i in kept])
+    return data, labels, skipped, len(image_paths)
 
 
 def split(data, labels, targets, args, in_memory):
@@ -375,6 +454,12 @@ def split(data, labels, targets, args, in_memory):
                                              random_state=args.seed)
     return take(data, train_at, in_memory), take(data, test_at, in_memory), \
         targets[train_at], targets[test_at]
+
+
+def own_split(loaded, binarizer, in_memory):
+    """A folder given as its own split: its images and one-hot labels."""
+    data, labels = loaded
+    return take(data, np.arange(len(labels)), in_memory), artifacts.one_hot(binarizer, labels)
 
 
 def take(data, positions, in_memory):
@@ -447,6 +532,9 @@ def build_callbacks(args, resuming):
                                    monitor="val_loss", factor=args.lr_factor,
                                    patience=args.lr_patience, min_lr=args.min_lr, verbose=1),
         TerminateOnNaN(),
+        *([keras.callbacks.EarlyStopping(monitor="val_loss", patience=args.early_stopping,
+                                         restore_best_weights=True, verbose=1)]
+          if args.early_stopping else []),
         PeriodicCheckpoint(checkpoint_dir, every=args.checkpoint_every,
                            keep=args.keep_checkpoints, monitor="val_loss",
                            save_best_only=args.checkpoint_best_only),
@@ -563,19 +651,29 @@ def train(args, extra_callbacks=()):
     prepare_folders(args)
     keras.utils.set_random_seed(args.seed)
 
-    data, labels = load_dataset(args)
+    loaded = load_dataset(args)
+    data, labels = loaded.pop("train")
     binarizer, targets = artifacts.fit_binarizer(labels)
     classes = [str(name) for name in binarizer.classes_]
-    data_mode = choose_data_mode(args.data_mode, data.size, available_memory())
-    train_x, test_x, train_y, test_y = split(data, labels, targets, args,
-                                             in_memory=data_mode == "memory")
-    del data
+    total_bytes = data.size + sum(part.size for part, _ in loaded.values())
+    data_mode = choose_data_mode(args.data_mode, total_bytes, available_memory())
+    in_memory = data_mode == "memory"
+    if "test" in loaded:
+        everything = np.arange(len(labels))
+        train_x, train_y = take(data, everything, in_memory), targets
+        test_x, test_y = own_split(loaded["test"], binarizer, in_memory)
+    else:
+        train_x, test_x, train_y, test_y = split(data, labels, targets, args, in_memory)
+    val_x, val_y = own_split(loaded["validation"], binarizer, in_memory) \
+        if "validation" in loaded else (test_x, test_y)
+    del data, loaded
     precision = choose_precision(args.precision, gpu_capabilities(), cpu_flags())
     log.info("images %s, %s precision", "in memory" if data_mode == "memory"
              else f"streamed from {args.cache_dir}", precision)
     log.info("%d classes: %s", len(classes), ", ".join(
         f"{name} ({np.sum(labels == name)})" for name in classes))
-    log.info("training on %d images, testing on %d", len(train_x), len(test_x))
+    log.info("training on %d images, validating on %d%s, testing on %d", len(train_x),
+             len(val_x), "" if args.val_dir else " (the test split)", len(test_x))
 
     if args.augment == "layers":
         augmentation = augmentation_layers(args, args.seed)
@@ -606,9 +704,18 @@ def train(args, extra_callbacks=()):
     train_batches = training_batches(train_x, train_y, args.batch_size, augmentation,
                                      args.seed, first_epoch)
     test_batches = batches(test_x, test_y, args.batch_size)
+    validation_batches = batches(val_x, val_y, args.batch_size) if args.val_dir else test_batches
+    class_weight = None
+    if args.class_weight == "balanced":
+        present = train_y.argmax(axis=1)
+        weights = compute_class_weight("balanced", classes=np.unique(present), y=present)
+        class_weight = {int(index): float(weight)
+                        for index, weight in zip(np.unique(present), weights)}
+        log.info("class weights: %s", ", ".join(
+            f"{classes[index]} {weight:.2f}" for index, weight in class_weight.items()))
     artifacts.save_labels(binarizer, args.output, args.image_size)
     write_config(args, classes, len(train_x), len(test_x), data_mode=data_mode,
-                 precision=precision)
+                 precision=precision, validation_images=len(val_x), class_weights=class_weight)
 
     callbacks = build_callbacks(args, resuming=bool(resume))
     callbacks[-1:-1] = extra_callbacks
@@ -617,8 +724,8 @@ def train(args, extra_callbacks=()):
     try:
         # shuffle=False: the pipeline reshuffles itself each epoch.
         model.fit(train_batches, steps_per_epoch=math.ceil(len(train_x) / args.batch_size),
-                  validation_data=test_batches, epochs=args.epochs, shuffle=False,
-                  callbacks=callbacks, verbose=2)
+                  validation_data=validation_batches, epochs=args.epochs, shuffle=False,
+                  class_weight=class_weight, callbacks=callbacks, verbose=2)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: saving the model and reports of the epochs done; run the "
