@@ -1,14 +1,21 @@
 """Label new images with a model trained by train.py.
 
-    python predict.py --image x.jpg [more.jpg folder/ ...]
+    python predict.py --image x.jpg [more.jpg folder/ "photos/**/*.jpg" ...]
 
-Prints one line per image, `x.jpg: red_dress 97.42%`, and writes a copy of each image with
-its label and confidence drawn on it into the output folder. Images are preprocessed by the
-same code as in training (images.load_image), so colour order, resize and scale agree.
+Prints one line per image, `x.jpg: red_dress 97.42%` (the top --top-k classes), or the
+results as CSV or JSON (--format, --results), and writes a copy of each image with its
+label and confidence drawn on it into the output folder, and on request a montage of them.
+Images are preprocessed by the same code as in training (images.load_image), so colour
+order, resize and scale agree.
 """
 
 import argparse
+import csv
+import glob
+import io
+import json
 import logging
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +26,16 @@ import cv2
 import imutils
 import keras
 import numpy as np
+from tqdm import tqdm
 
 import artifacts
 import images
 
 log = logging.getLogger("predict")
+
+FORMATS = ("table", "csv", "json")
+# The montage shows the first images only: a grid of thousands could not be read anyway.
+MONTAGE_COLUMNS, MONTAGE_ROWS, TILE = 8, 8, 200
 
 
 def build_parser():
@@ -31,11 +43,22 @@ def build_parser():
         description="Label images with a model trained by train.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, metavar="PATH",
-                        help="image files or folders of images")
+                        help="image files, folders of images, or glob patterns ('**' recurses)")
     parser.add_argument("--model", default=os.path.join("Output", artifacts.MODEL_FILE))
     parser.add_argument("--labels", default=os.path.join("Output", artifacts.LABELS_FILE))
     parser.add_argument("--output", default=os.path.join("Output", "predictions"),
                         help="folder for the annotated copies")
+    parser.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
+                        help="write an annotated copy of each image into --output")
+    parser.add_argument("--top-k", type=int, default=1, help="classes reported per image")
+    parser.add_argument("--format", choices=FORMATS, default="table",
+                        help="table: 'path: label 97.42%%' lines; csv: path,rank,label,"
+                             "probability,error rows; json: a list of objects")
+    parser.add_argument("--results", default=None,
+                        help="write the results to this file instead of the standard output")
+    parser.add_argument("--montage", default=None, metavar="FILE",
+                        help=f"also write a grid of the first {MONTAGE_COLUMNS * MONTAGE_ROWS} "
+                             "annotated images to this picture")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="threads for decoding images and writing the annotated copies")
@@ -49,13 +72,23 @@ def build_parser():
 
 
 def expand_inputs(inputs):
-    """Files as given; folders replaced by the images below them. Missing paths are errors."""
+    """Files as given; folders replaced by the images below them; glob patterns by the image
+    files and folders they match. Missing paths, and patterns matching nothing, are errors."""
     found, missing = [], []
     for path in inputs:
         if os.path.isdir(path):
             found.extend(images.list_images(path))
         elif os.path.isfile(path):
             found.append(path)
+        elif any(character in path for character in "*?["):
+            matches = sorted(glob.glob(path, recursive=True))
+            for match in matches:
+                if os.path.isdir(match):
+                    found.extend(images.list_images(match))
+                elif match.lower().endswith(images.IMAGE_EXTENSIONS):
+                    found.append(match)
+            if not matches:
+                missing.append(path)
         else:
             missing.append(path)
     return found, missing
@@ -84,6 +117,52 @@ def annotate(image_rgb, text):
     cv2.putText(canvas, text, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2,
                 cv2.LINE_AA)
     return canvas
+
+
+def tile(image_rgb, text):
+    """One square cell of the montage, the label on a band at its top."""
+    cell = cv2.resize(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), (TILE, TILE),
+                      interpolation=cv2.INTER_AREA)
+    cv2.rectangle(cell, (0, 0), (TILE, 22), (0, 0, 0), -1)
+    cv2.putText(cell, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 0), 1,
+                cv2.LINE_AA)
+    return cell
+
+
+def save_montage(path, tiles):
+    columns = min(MONTAGE_COLUMNS, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    montage = imutils.build_montages(tiles, (TILE, TILE), (columns, rows))[0]
+    save_jpeg(path, montage)
+
+
+def table_line(result):
+    if "error" in result:
+        return f"{result['path']}: error: {result['error']}"
+    return f"{result['path']}: " + ", ".join(
+        f"{label} {probability * 100:.2f}%" for label, probability in result["predictions"])
+
+
+def format_results(results, kind):
+    """The results as the text of a table, CSV or JSON file."""
+    if kind == "table":
+        return "".join(table_line(result) + "\n" for result in results)
+    if kind == "json":
+        return json.dumps([
+            {"path": result["path"], "error": result["error"]} if "error" in result else
+            {"path": result["path"], "predictions": [
+                {"label": label, "probability": probability}
+                for label, probability in result["predictions"]]}
+            for result in results], indent=2) + "\n"
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", "rank", "label", "probability", "error"])
+    for result in results:
+        if "error" in result:
+            writer.writerow([result["path"], "", "", "", result["error"]])
+        for rank, (label, probability) in enumerate(result.get("predictions", []), start=1):
+            writer.writerow([result["path"], rank, label, f"{probability:.6f}", ""])
+    return text.getvalue()
 
 
 def save_jpeg(path, image_bgr):
@@ -120,44 +199,70 @@ def predict(args):
         raise images.UserError(f"{args.labels} was written for {info['color_order']} input")
 
     paths, missing = expand_inputs(args.image)
-    for path in missing:
-        print(f"{path}: error: no such file or folder", file=sys.stderr)
+    results = [{"path": path, "error": "no such file or folder"} for path in missing]
+    # Lines go out as images are labelled, unless the whole table is going to a file.
+    streaming = args.format == "table" and not args.results
+    for result in results:
+        print(table_line(result), file=sys.stderr)
     os.makedirs(args.output, exist_ok=True)
-    failures, taken = len(missing), set()
+    taken, tiles = set(), []
+    top_k = max(1, min(args.top_k, len(classes)))
 
     def attempt_load(path):
         try:
             return path, images.load_image(path, image_size, args.max_pixels), None
         except images.ImageError as error:
-            return path, None, error
+            return path, None, str(error)
 
-    def write_copy(path, text, name):
-        # The full-size picture for the annotated copy; the model saw load_image's pixels.
+    def draw(path, text, name, want_tile):
+        # The full-size picture for the pictures; the model saw load_image's pixels.
         original = images.decode_image(path, args.max_pixels)
-        save_jpeg(os.path.join(args.output, name), annotate(original, text))
+        if name:
+            save_jpeg(os.path.join(args.output, name), annotate(original, text))
+        return tile(original, text) if want_tile else None
 
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+    montage_size = MONTAGE_COLUMNS * MONTAGE_ROWS if args.montage else 0
+    with ThreadPoolExecutor(max_workers=args.workers) as pool, \
+            tqdm(total=len(paths), desc="predicting", unit="img", file=sys.stderr,
+                 disable=len(paths) <= args.batch_size or None) as bar:
         for start in range(0, len(paths), args.batch_size):
             loaded = []
             for path, pixels, error in pool.map(attempt_load,
                                                 paths[start:start + args.batch_size]):
                 if error:
-                    print(f"{path}: error: {error}", file=sys.stderr)
-                    failures += 1
+                    results.append({"path": path, "error": error})
+                    print(table_line(results[-1]), file=sys.stderr)
                 else:
                     loaded.append((path, pixels))
-            if not loaded:
-                continue
-            batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
-            copies = []
-            for (path, _), probabilities in zip(loaded, model.predict_on_batch(batch)):
-                best = int(np.argmax(probabilities))
-                text = f"{classes[best]} {probabilities[best] * 100:.2f}%"
-                print(f"{path}: {text}")
-                copies.append(pool.submit(write_copy, path, text, output_name(path, taken)))
-            for copy in copies:
-                copy.result()  # a write error stops the run here, as it did before
-    return failures
+            drawings = []
+            if loaded:
+                batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
+                for (path, _), probabilities in zip(loaded, model.predict_on_batch(batch)):
+                    best = np.argsort(probabilities)[::-1][:top_k]
+                    results.append({"path": path, "predictions": [
+                        (classes[index], float(probabilities[index])) for index in best]})
+                    if streaming:
+                        print(table_line(results[-1]))
+                    label, probability = results[-1]["predictions"][0]
+                    want_tile = len(tiles) + len(drawings) < montage_size
+                    if args.annotate or want_tile:
+                        name = output_name(path, taken) if args.annotate else None
+                        drawings.append(pool.submit(draw, path, f"{label} "
+                                                    f"{probability * 100:.2f}%", name, want_tile))
+            for drawing in drawings:
+                cell = drawing.result()  # a write error stops the run here
+                if cell is not None:
+                    tiles.append(cell)
+            bar.update(min(args.batch_size, len(paths) - start))
+    if args.results:
+        with artifacts.atomic_path(args.results) as temporary:
+            with open(temporary, "w", encoding="utf-8", newline="") as handle:
+                handle.write(format_results(results, args.format))
+    elif not streaming:
+        sys.stdout.write(format_results(results, args.format))
+    if tiles:
+        save_montage(args.montage, tiles)
+    return sum("error" in result for result in results)
 
 
 def main(argv=None):

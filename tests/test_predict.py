@@ -1,5 +1,7 @@
 """Prediction: the same preprocessing as training, one line per image, annotated copies."""
 
+import csv
+import json
 import os
 import re
 
@@ -63,3 +65,64 @@ def test_missing_model_tells_the_user_to_train_first(tmp_path, caplog):
     code = predict.main(["--image", image, "--model", str(tmp_path / "none.keras")])
     assert code == 2
     assert "train one first" in caplog.text
+
+
+def predict_many(trained_run, capsys, *flags):
+    out = trained_run["output"]
+    code = predict.main([*flags, "--model", os.path.join(out, "vgg_model.keras"),
+                         "--labels", os.path.join(out, "labels.pickle")])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_top_k_lists_the_likeliest_classes_in_order(trained_run, capsys, tmp_path):
+    image = os.path.join(trained_run["dataset"], "red_dress", "red_dress_0000.jpg")
+    code, out, _ = predict_many(trained_run, capsys, "--image", image, "--top-k", "3",
+                                "--output", str(tmp_path))
+    assert code == 0
+    path, ranked = out.strip().split(": ", 1)
+    pairs = [part.rsplit(" ", 1) for part in ranked.split(", ")]
+    assert path == image and len(pairs) == 3
+    percents = [float(percent.rstrip("%")) for _, percent in pairs]
+    assert percents == sorted(percents, reverse=True) and sum(percents) <= 100.01
+    assert len({label for label, _ in pairs}) == 3
+
+
+def test_glob_patterns_csv_results_and_errors(trained_run, capsys, tmp_path):
+    dataset = trained_run["dataset"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"nope")
+    results = tmp_path / "results.csv"
+    code, out, errors = predict_many(
+        trained_run, capsys, "--image", os.path.join(dataset, "red_*", "*_000[0-1].jpg"),
+        str(broken), os.path.join(str(tmp_path), "none*.jpg"), "--format", "csv",
+        "--top-k", "2", "--results", str(results), "--no-annotate",
+        "--output", str(tmp_path / "copies"))
+    assert code == 1 and out == ""
+    assert "broken.jpg: error:" in errors and "none*.jpg: error:" in errors
+    with open(results, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    predicted = [row for row in rows if not row["error"]]
+    assert len(predicted) == 2 * 4  # red_dress and red_shoes, two images each, top 2
+    assert {row["rank"] for row in predicted} == {"1", "2"}
+    assert all(0 <= float(row["probability"]) <= 1 for row in predicted)
+    assert {row["path"] for row in rows if row["error"]} == {
+        str(broken), os.path.join(str(tmp_path), "none*.jpg")}
+    assert os.listdir(tmp_path / "copies") == []
+
+
+def test_json_to_standard_output_and_a_montage(trained_run, capsys, tmp_path):
+    folder = os.path.join(trained_run["dataset"], "green_shoes")
+    montage = tmp_path / "montage.jpg"
+    code, out, _ = predict_many(trained_run, capsys, "--image", folder, "--format", "json",
+                                "--montage", str(montage), "--output", str(tmp_path / "copies"))
+    assert code == 0
+    results = json.loads(out)
+    assert len(results) == len(images.list_images(folder)) == 12
+    classes = set(os.listdir(trained_run["dataset"]))
+    for result in results:
+        (prediction,) = result["predictions"]
+        assert prediction["label"] in classes and 0 <= prediction["probability"] <= 1
+    picture = images.decode_image(str(montage))
+    assert picture.shape == (2 * predict.TILE, 8 * predict.TILE, 3)  # 12 images: 8 + 4
+    assert len(os.listdir(tmp_path / "copies")) == 12
