@@ -5,8 +5,9 @@
 Reads every image below the dataset folder (the class is the first folder under it), holds
 out a stratified test split, trains with ImageDataGenerator augmentation, and leaves in the
 output folder: vgg_model.keras, labels.pickle and labels.json, checkpoints/, history.csv,
-classification_report.txt, confusion_matrix.png, training_plot.png and config.json.
-TensorBoard events go to logs/<run name>.
+config.json, and the reports (reports.py): classification_report.txt and .json,
+confusion_matrix.png, training_plot.png, dataset_overview.png, confident_mistakes.png, all
+on one page, report.html. TensorBoard events go to logs/<run name>.
 """
 
 import argparse
@@ -26,14 +27,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO chatter; warnings stay
 
 import keras
-import matplotlib
-
-matplotlib.use("Agg")  # files only: training runs on servers without a display
-import matplotlib.pyplot as plt
 import numpy as np
 import tensorflow as tf
 import yaml
-from sklearn.metrics import ConfusionMatrixDisplay, classification_report
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
@@ -41,6 +37,7 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 import artifacts
 import image_cache
 import images
+import reports
 import vgg
 
 log = logging.getLogger("train")
@@ -53,6 +50,8 @@ NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "log
                        "no_cache", "data_mode", "config", "early_stopping"}
 # Keras dtype policies behind --precision.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# Test images shown in Output/confident_mistakes.png.
+MISTAKES_SHOWN = 16
 # Datasets bigger than this share of the available memory are streamed from the cache.
 MEMORY_SHARE = 0.25
 
@@ -545,41 +544,18 @@ def build_callbacks(args, resuming):
     ]
 
 
-def save_report(true, predicted, classes, output):
-    report = classification_report(true, predicted, labels=range(len(classes)),
-                                   target_names=classes, digits=4, zero_division=0)
-    with artifacts.atomic_path(os.path.join(output, "classification_report.txt")) as temporary:
-        with open(temporary, "w") as handle:
-            handle.write(report)
+def save_overview(classes, train_x, train_y, val_y, test_y, output):
+    """Images per class in each split, and a few training images of each class."""
+    def per_class(targets):
+        return np.bincount(targets.argmax(axis=1), minlength=len(classes))
 
-    figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
-    ConfusionMatrixDisplay.from_predictions(true, predicted, labels=range(len(classes)),
-                                            display_labels=classes, xticks_rotation=45,
-                                            colorbar=False, ax=axes)
-    axes.set_title("Confusion matrix (test split)")
-    figure.tight_layout()
-    with artifacts.atomic_path(os.path.join(output, "confusion_matrix.png")) as temporary:
-        figure.savefig(temporary, format="png")
-    plt.close(figure)
-    return report
-
-
-def save_plot(history, path):
-    """Loss and accuracy per epoch, for the epochs that actually ran."""
-    epochs = np.arange(1, len(history["loss"]) + 1)
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
-        axes.plot(epochs, history[metric], label=f"train {metric}")
-        axes.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
-        axes.set_xlabel("epoch")
-        axes.set_ylabel(metric)
-        axes.legend()
-        axes.grid(alpha=0.3)
-    figure.suptitle("Training loss and accuracy")
-    figure.tight_layout()
-    with artifacts.atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png")
-    plt.close(figure)
+    counts = {"training": per_class(train_y), "test": per_class(test_y)}
+    if val_y is not None:
+        counts["validation"] = per_class(val_y)
+    train_labels = train_y.argmax(axis=1)
+    samples = {index: train_x[np.flatnonzero(train_labels == index)[
+        :reports.SAMPLES_PER_CLASS]] for index in range(len(classes))}
+    reports.save_dataset_overview(counts, samples, classes, output)
 
 
 def resume_point(args):
@@ -714,6 +690,8 @@ def train(args, extra_callbacks=()):
         log.info("class weights: %s", ", ".join(
             f"{classes[index]} {weight:.2f}" for index, weight in class_weight.items()))
     artifacts.save_labels(binarizer, args.output, args.image_size)
+    save_overview(classes, train_x, train_y, val_y if args.val_dir else None, test_y,
+                  args.output)
     write_config(args, classes, len(train_x), len(test_x), data_mode=data_mode,
                  precision=precision, validation_images=len(val_x), class_weights=class_weight)
 
@@ -746,11 +724,24 @@ def train(args, extra_callbacks=()):
         model.save(temporary)
     probabilities = model.predict(test_batches, verbose=0)
     true, predicted = test_y.argmax(axis=1), probabilities.argmax(axis=1)
-    report = save_report(true, predicted, classes, args.output)
+    report, scores = reports.save_classification_report(true, predicted, classes, args.output)
+    reports.save_confusion_matrix(true, predicted, classes, args.output)
+    wrong = reports.confident_mistakes(true, probabilities, count=MISTAKES_SHOWN)
+    reports.save_confident_mistakes(test_x[wrong], true[wrong], probabilities[wrong], classes,
+                                    args.output)
     if epochs_run:
-        save_plot(history, os.path.join(args.output, "training_plot.png"))
+        reports.save_training_plot(history, args.output)
+    accuracy = float(np.mean(true == predicted))
+    reports.write_html(args.output, {
+        "test accuracy": f"{accuracy:.4f}", "epochs": f"{epochs_run} of {args.epochs}",
+        "classes": len(classes), "training images": len(train_x),
+        "validation images": len(val_x) if args.val_dir else "the test split",
+        "test images": len(test_x), "image size": f"{args.image_size}x{args.image_size}",
+        "precision": precision, "training time": f"{seconds:.0f} s",
+        "TensorBoard run": os.path.join(args.logs, args.run_name)}, scores)
     print(report)
-    return {"model": model_path, "test_accuracy": float(np.mean(true == predicted)),
+    print(f"report: {os.path.join(args.output, reports.HTML)}")
+    return {"model": model_path, "test_accuracy": accuracy,
             "epochs": epochs_run, "seconds": seconds, "classes": classes,
             "output": args.output, "logs": os.path.join(args.logs, args.run_name),
             "interrupted": interrupted}

@@ -1,0 +1,182 @@
+"""The reports and pictures train.py leaves in Output/, and report.html that links them.
+
+report.html is one self-contained page: the pictures are files beside it, there is no
+script, no style sheet and no font from elsewhere, so it opens from disk, with no server
+and no network, in any browser.
+"""
+
+import html
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs on servers without a display
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report
+
+import artifacts
+
+REPORT_TEXT = "classification_report.txt"
+REPORT_JSON = "classification_report.json"
+CONFUSION_MATRIX = "confusion_matrix.png"
+TRAINING_PLOT = "training_plot.png"
+OVERVIEW = "dataset_overview.png"
+MISTAKES = "confident_mistakes.png"
+HTML = "report.html"
+SAMPLES_PER_CLASS = 8
+
+
+def save_figure(figure, path):
+    figure.tight_layout()
+    with artifacts.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
+
+
+def save_classification_report(true, predicted, classes, output):
+    """scikit-learn's report as text (the blog's) and as JSON; returns both."""
+    options = {"labels": range(len(classes)), "target_names": classes, "zero_division": 0}
+    text = classification_report(true, predicted, digits=4, **options)
+    with artifacts.atomic_path(os.path.join(output, REPORT_TEXT)) as temporary:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+    scores = classification_report(true, predicted, output_dict=True, **options)
+    artifacts.write_json(os.path.join(output, REPORT_JSON), scores)
+    return text, scores
+
+
+def save_confusion_matrix(true, predicted, classes, output):
+    figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
+    ConfusionMatrixDisplay.from_predictions(true, predicted, labels=range(len(classes)),
+                                            display_labels=classes, xticks_rotation=45,
+                                            colorbar=False, ax=axes)
+    axes.set_title("Confusion matrix (test split)")
+    save_figure(figure, os.path.join(output, CONFUSION_MATRIX))
+
+
+def save_training_plot(history, output):
+    """Loss and accuracy per epoch, for the epochs that actually ran."""
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+        axes.plot(epochs, history[metric], label=f"train {metric}")
+        axes.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(metric)
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.suptitle("Training loss and accuracy")
+    save_figure(figure, os.path.join(output, TRAINING_PLOT))
+
+
+def save_dataset_overview(counts, samples, classes, output):
+    """The blog's quick look at the data: images per class and split, then a row of sample
+    images per class. counts: {split name: array of images per class}; samples: {class
+    index: list of uint8 RGB images}."""
+    columns = SAMPLES_PER_CLASS
+    figure = plt.figure(figsize=(columns * 1.3 + 1, 3 + 1.3 * len(classes)))
+    grid = figure.add_gridspec(len(classes) + 1, columns,
+                               height_ratios=[2.2] + [1] * len(classes))
+    bars = figure.add_subplot(grid[0, :])
+    positions = np.arange(len(classes))
+    width = 0.8 / len(counts)
+    for offset, (split, per_class) in enumerate(counts.items()):
+        bars.bar(positions + offset * width, per_class, width, label=split)
+    bars.set_xticks(positions + width * (len(counts) - 1) / 2, classes, rotation=30,
+                    ha="right")
+    bars.set_ylabel("images")
+    bars.set_title("Images per class")
+    bars.legend()
+    for row, name in enumerate(classes, start=1):
+        for column in range(columns):
+            axes = figure.add_subplot(grid[row, column])
+            axes.axis("off")
+            if column < len(samples.get(row - 1, [])):
+                axes.imshow(samples[row - 1][column])
+            if column == 0:
+                axes.set_title(name, fontsize=9, loc="left")
+    save_figure(figure, os.path.join(output, OVERVIEW))
+
+
+def confident_mistakes(true, probabilities, count):
+    """Indices of the wrongly predicted images, the most confident mistakes first."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != true)
+    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:count]
+
+
+def save_confident_mistakes(pictures, true, probabilities, classes, output):
+    """A grid of the given test images with their true and predicted classes."""
+    predicted = probabilities.argmax(axis=1)
+    columns = 4
+    rows = max(1, -(-len(pictures) // columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 2.9),
+                                squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, picture, truth, guess, probability in zip(
+            grid.flat, pictures, true, predicted, probabilities.max(axis=1)):
+        axes.imshow(picture)
+        axes.set_title(f"true: {classes[truth]}\npredicted: {classes[guess]} "
+                       f"{probability * 100:.1f}%", fontsize=9)
+    if not len(pictures):
+        grid[0, 0].text(0, 0.5, "No mistakes on the test split.", fontsize=12)
+    figure.suptitle("The most confident mistakes on the test split")
+    save_figure(figure, os.path.join(output, MISTAKES))
+
+
+def write_html(output, summary, report):
+    """report.html: the run's figures, pictures and per-class scores on one page."""
+    def link(name):
+        return f'<a href="{html.escape(name)}">{html.escape(name)}</a>'
+
+    def picture(name, title):
+        if not os.path.exists(os.path.join(output, name)):
+            return ""
+        return (f"<h2>{html.escape(title)}</h2>\n"
+                f'<p><img src="{html.escape(name)}" alt="{html.escape(title)}"></p>')
+
+    facts = "".join(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>"
+                    for key, value in summary.items())
+    rows = []
+    for name, scores in report.items():
+        if isinstance(scores, dict):
+            rows.append(f"<tr><th>{html.escape(name)}</th>" + "".join(
+                f"<td>{scores[key]:.4g}</td>" for key in
+                ("precision", "recall", "f1-score", "support")) + "</tr>")
+    files = [name for name in (REPORT_TEXT, REPORT_JSON, "history.csv", "config.json",
+                               "labels.json", "skipped_files.csv", artifacts.MODEL_FILE)
+             if os.path.exists(os.path.join(output, name))]
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Training report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+<h1>Training report</h1>
+<table>{facts}</table>
+{picture(OVERVIEW, "The dataset")}
+{picture(TRAINING_PLOT, "Loss and accuracy per epoch")}
+<h2>Scores per class (test split)</h2>
+<table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th><th>support</th></tr>
+{"".join(rows)}
+<tr><th>accuracy</th><td colspan="4">{report.get("accuracy", 0):.4f}</td></tr></table>
+{picture(CONFUSION_MATRIX, "Confusion matrix (test split)")}
+{picture(MISTAKES, "The most confident mistakes")}
+<h2>Files</h2>
+<ul>{"".join(f"<li>{link(name)}</li>" for name in files)}</ul>
+</body>
+</html>
+"""
+    with artifacts.atomic_path(os.path.join(output, HTML)) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(page)
+
