@@ -1,9 +1,11 @@
-"""What train.py leaves in Output/ for predict.py: labels, their metadata, safe ways to read them.
+"""What train.py leaves in Output/ for predict.py: labels, their metadata, the model, and safe
+ways to read them.
 
 labels.pickle is the blog's pickled LabelBinarizer. A pickle can run any code when it is
 loaded, so it is read back with an unpickler that only admits the classes a binarizer is
 made of. labels.json says the same in plain JSON, with what predict needs to preprocess
-exactly as training did (image size, colour order).
+exactly as training did (image size, colour order). Models are loaded in Keras's safe mode,
+which refuses to run the Python code a Lambda layer may carry.
 """
 
 import io
@@ -13,6 +15,7 @@ import pickle
 import tempfile
 from contextlib import contextmanager
 
+import keras
 import numpy as np
 from sklearn.preprocessing import LabelBinarizer
 
@@ -112,3 +115,20 @@ def load_info(labels_path):
         return None
     with open(path) as handle:
         return json.load(handle)
+
+
+def load_model(path, unsafe=False):
+    """A model saved by train.py, loaded in Keras's safe mode unless the user trusts it."""
+    if not os.path.isfile(path):
+        raise UserError(
+            f"no model at {path}: train one first with `python train.py --dataset Dataset`")
+    try:
+        return keras.models.load_model(path, safe_mode=not unsafe)
+    except ValueError as error:
+        if "lambda" in str(error).lower():
+            raise UserError(
+                f"refusing to load {path}: it holds a Lambda layer with Python code, which "
+                "would run on loading; pass --unsafe-model if you trust the file") from None
+        raise UserError(f"cannot load the model {path}: {error}") from None
+    except OSError as error:
+        raise UserError(f"cannot load the model {path}: {error}") from None

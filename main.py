@@ -4,6 +4,8 @@
                                          train, evaluate and label a few held-back images
     python main.py train [train flags]   the same as python train.py [flags]
     python main.py predict [flags]       the same as python predict.py [flags]
+    python main.py export [flags]        the same as python export.py [flags]: --format
+                                         savedmodel, tflite or onnx
     python main.py -train                the original repository's spellings also work
     python main.py -predict PATH
 """
@@ -13,6 +15,7 @@ import os
 import sys
 
 import demo
+import export
 import images
 import predict
 import train
@@ -67,6 +70,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "-train"):
         return train.main(argv[1:])
+    if argv and argv[0] == "export":
+        return export.main(argv[1:])
     if argv and argv[0] in ("predict", "-predict"):
         rest = argv[1:]
         if argv[0] == "-predict" and rest and not rest[0].startswith("-"):

@@ -24,7 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO chatter;
 
 import cv2
 import imutils
-import keras
 import numpy as np
 from tqdm import tqdm
 
@@ -92,22 +91,6 @@ def expand_inputs(inputs):
         else:
             missing.append(path)
     return found, missing
-
-
-def load_model(path, unsafe=False):
-    if not os.path.isfile(path):
-        raise images.UserError(
-            f"no model at {path}: train one first with `python train.py --dataset Dataset`")
-    try:
-        return keras.models.load_model(path, safe_mode=not unsafe)
-    except ValueError as error:
-        if "lambda" in str(error).lower():
-            raise images.UserError(
-                f"refusing to load {path}: it holds a Lambda layer with Python code, which "
-                "would run on loading; pass --unsafe-model if you trust the file") from None
-        raise images.UserError(f"cannot load the model {path}: {error}") from None
-    except OSError as error:
-        raise images.UserError(f"cannot load the model {path}: {error}") from None
 
 
 def annotate(image_rgb, text):
@@ -187,7 +170,7 @@ def output_name(path, taken):
 
 def predict(args):
     """Predict every input; return the number of inputs that failed."""
-    model = load_model(args.model, args.unsafe_model)
+    model = artifacts.load_model(args.model, args.unsafe_model)
     binarizer = artifacts.load_labels(args.labels)
     classes = [str(name) for name in binarizer.classes_]
     image_size = model.input_shape[1]
