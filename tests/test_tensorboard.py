@@ -34,7 +34,7 @@ def tensorboard_server(trained_run):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # generous: a loaded machine starts it slowly
         while True:
             try:
                 tags = get_json(f"{base}/data/plugin/scalars/tags")
