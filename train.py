@@ -458,10 +458,11 @@ def split(data, labels, targets, args, in_memory):
 def own_split(loaded, binarizer, in_memory):
     """A folder given as its own split: its images and one-hot labels."""
     data, labels = loaded
-    return take(data, np.arange(len(labels)), in_memory), artifacts.one_hot(binarizer, labels)
+    return take(data, slice(None), in_memory), artifacts.one_hot(binarizer, labels)
 
 
 def take(data, positions, in_memory):
+    """The images at positions (an index array, or slice(None) for all: no copy in memory)."""
     if isinstance(data, np.ndarray):
         return data[positions]
     part = data.subset(positions)
@@ -635,8 +636,7 @@ def train(args, extra_callbacks=()):
     data_mode = choose_data_mode(args.data_mode, total_bytes, available_memory())
     in_memory = data_mode == "memory"
     if "test" in loaded:
-        everything = np.arange(len(labels))
-        train_x, train_y = take(data, everything, in_memory), targets
+        train_x, train_y = take(data, slice(None), in_memory), targets
         test_x, test_y = own_split(loaded["test"], binarizer, in_memory)
     else:
         train_x, test_x, train_y, test_y = split(data, labels, targets, args, in_memory)
