@@ -1,11 +1,12 @@
 """What train.py leaves in Output/ for predict.py: labels, their metadata, the model, and safe
 ways to read them.
 
-labels.pickle is the blog's pickled LabelBinarizer. A pickle can run any code when it is
-loaded, so it is read back with an unpickler that only admits the classes a binarizer is
-made of. labels.json says the same in plain JSON, with what predict needs to preprocess
-exactly as training did (image size, colour order). Models are loaded in Keras's safe mode,
-which refuses to run the Python code a Lambda layer may carry.
+labels.pickle is the blog's pickled LabelBinarizer, or a MultiLabelBinarizer for a model
+trained with --multi-label. A pickle can run any code when it is loaded, so it is read back
+with an unpickler that only admits the classes a binarizer is made of. labels.json says the
+same in plain JSON, with what predict needs to preprocess exactly as training did (image
+size, colour order) and whether the model is multi-label. Models are loaded in Keras's safe
+mode, which refuses to run the Python code a Lambda layer may carry.
 """
 
 import io
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 
 import keras
 import numpy as np
-from sklearn.preprocessing import LabelBinarizer
+from sklearn.preprocessing import LabelBinarizer, MultiLabelBinarizer
 
 from images import COLOR_ORDER, UserError
 
@@ -27,6 +28,7 @@ LABELS_JSON = "labels.json"
 
 _ALLOWED_PICKLE_GLOBALS = {
     ("sklearn.preprocessing._label", "LabelBinarizer"),
+    ("sklearn.preprocessing._label", "MultiLabelBinarizer"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
@@ -58,9 +60,11 @@ def write_json(path, value):
             json.dump(value, handle, indent=2)
 
 
-def fit_binarizer(labels):
-    """Fit the blog's LabelBinarizer and return it with the one-hot targets."""
-    binarizer = LabelBinarizer().fit(labels)
+def fit_binarizer(labels, multi_label=False):
+    """Fit the blog's LabelBinarizer (labels: one class name per image), or with multi_label
+    a MultiLabelBinarizer (labels: a tuple of label names per image); return it with the
+    targets, one column per class."""
+    binarizer = (MultiLabelBinarizer() if multi_label else LabelBinarizer()).fit(labels)
     return binarizer, one_hot(binarizer, labels)
 
 
@@ -68,9 +72,13 @@ def one_hot(binarizer, labels):
     """One column per class, always: with two classes LabelBinarizer returns a single 0/1
     column, which a two-way softmax cannot be trained against."""
     targets = binarizer.transform(labels)
-    if targets.shape[1] == 1:
+    if targets.shape[1] == 1 and not is_multi_label(binarizer):
         targets = np.hstack([1 - targets, targets])
     return targets.astype("float32")
+
+
+def is_multi_label(binarizer):
+    return isinstance(binarizer, MultiLabelBinarizer)
 
 
 def save_labels(binarizer, output_dir, image_size):
@@ -81,6 +89,7 @@ def save_labels(binarizer, output_dir, image_size):
         "classes": [str(name) for name in binarizer.classes_],
         "image_size": image_size,
         "color_order": COLOR_ORDER,
+        "multi_label": is_multi_label(binarizer),
     }
     write_json(os.path.join(output_dir, LABELS_JSON), info)
 
@@ -93,7 +102,7 @@ class _BinarizerUnpickler(pickle.Unpickler):
 
 
 def load_labels(path):
-    """Load a pickled LabelBinarizer without running code that the file may carry."""
+    """Load a pickled (Multi)LabelBinarizer without running code that the file may carry."""
     if not os.path.isfile(path):
         raise UserError(f"labels file not found: {path} (train a model first: "
                         "python train.py --dataset Dataset)")
@@ -103,8 +112,8 @@ def load_labels(path):
         binarizer = _BinarizerUnpickler(io.BytesIO(data)).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as error:
         raise UserError(f"{path} is not a labels file this program trusts: {error}") from None
-    if not isinstance(binarizer, LabelBinarizer):
-        raise UserError(f"{path} holds a {type(binarizer).__name__}, not a LabelBinarizer")
+    if not isinstance(binarizer, (LabelBinarizer, MultiLabelBinarizer)):
+        raise UserError(f"{path} holds a {type(binarizer).__name__}, not a label binarizer")
     return binarizer
 
 

@@ -5,9 +5,17 @@ size and position, coloured with shade and lighting variation, on a textured or 
 background, with sensor noise, blur and JPEG compression. Colour alone cannot tell
 black_dress from black_pants, nor shape red_dress from blue_dress: a model needs both.
 The same seed always gives the same images.
+
+    python demo.py Dataset                      # the eight classes, 100 images each
+    python demo.py BlueShoes --classes blue_shoes --per-class 50 --seed 7
+
+Any colour_kind pair can be drawn, also one the eight classes lack (blue_shoes): what a
+multi-label model never saw as a class.
 """
 
+import argparse
 import os
+import sys
 
 import cv2
 import numpy as np
@@ -149,10 +157,10 @@ def make_image(class_name, rng, size=IMAGE_SIZE):
     return image
 
 
-def generate(folder, per_class, seed=0, size=IMAGE_SIZE):
+def generate(folder, per_class, seed=0, size=IMAGE_SIZE, classes=CLASSES):
     """Write per_class JPEGs of each class into folder/<class>/; return the files written."""
     written = []
-    for class_index, class_name in enumerate(CLASSES):
+    for class_index, class_name in enumerate(classes):
         os.makedirs(os.path.join(folder, class_name), exist_ok=True)
         for index in range(per_class):
             rng = np.random.default_rng([seed, class_index, index])
@@ -163,3 +171,29 @@ def generate(folder, per_class, seed=0, size=IMAGE_SIZE):
                         [cv2.IMWRITE_JPEG_QUALITY, quality])
             written.append(path)
     return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Write generated photo-like JPEGs, one sub-folder per colour_kind class.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("folder", help="where the class sub-folders are written")
+    parser.add_argument("--classes", nargs="+", default=list(CLASSES),
+                        help=f"colour_kind names; colours: {', '.join(_COLORS)}; kinds: "
+                             f"{', '.join(_SHAPES)}")
+    parser.add_argument("--per-class", type=int, default=100, help="images per class")
+    parser.add_argument("--seed", type=int, default=42, help="the same seed, the same images")
+    parser.add_argument("--size", type=int, default=IMAGE_SIZE, help="image side in pixels")
+    args = parser.parse_args(argv)
+    for name in args.classes:
+        colour, _, kind = name.partition("_")
+        if colour not in _COLORS or kind not in _SHAPES:
+            parser.error(f"{name} is not colour_kind with a colour of {', '.join(_COLORS)} "
+                         f"and a kind of {', '.join(_SHAPES)}")
+    written = generate(args.folder, args.per_class, args.seed, args.size, args.classes)
+    print(f"wrote {len(written)} images into {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,10 @@
 
     python predict.py --image x.jpg [more.jpg folder/ "photos/**/*.jpg" ...]
 
-Prints one line per image, `x.jpg: red_dress 97.42%` (the top --top-k classes), or the
+Prints one line per image, `x.jpg: red_dress 97.42%` (the top --top-k classes; for a model
+trained with --multi-label, every label whose probability reaches --threshold), or the
 results as CSV or JSON (--format, --results), and writes a copy of each image with its
-label and confidence drawn on it into the output folder, and on request a montage of them.
+labels and confidences drawn on it into the output folder, and on request a montage of them.
 Images are preprocessed by the same code as in training (images.load_image), so colour
 order, resize and scale agree.
 """
@@ -49,7 +50,11 @@ def build_parser():
                         help="folder for the annotated copies")
     parser.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
                         help="write an annotated copy of each image into --output")
-    parser.add_argument("--top-k", type=int, default=1, help="classes reported per image")
+    parser.add_argument("--top-k", type=int, default=1,
+                        help="classes reported per image (single-label models)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="multi-label models: report every label whose probability "
+                             "reaches this")
     parser.add_argument("--format", choices=FORMATS, default="table",
                         help="table: 'path: label 97.42%%' lines; csv: path,rank,label,"
                              "probability,error rows; json: a list of objects")
@@ -93,23 +98,37 @@ def expand_inputs(inputs):
     return found, missing
 
 
-def annotate(image_rgb, text):
-    """A copy of the image, 400 pixels wide like the blog's figures, with text drawn on it."""
+def annotate(image_rgb, lines):
+    """A copy of the image, 400 pixels wide like the blog's figures, with one line of text
+    per label drawn on it."""
     canvas = imutils.resize(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), width=400)
-    cv2.rectangle(canvas, (0, 0), (400, 34), (0, 0, 0), -1)
-    cv2.putText(canvas, text, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 255, 0), 2,
-                cv2.LINE_AA)
+    cv2.rectangle(canvas, (0, 0), (400, 10 + 28 * len(lines)), (0, 0, 0), -1)
+    for row, text in enumerate(lines):
+        cv2.putText(canvas, text, (10, 29 + 28 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
+                    (0, 255, 0), 2, cv2.LINE_AA)
     return canvas
 
 
-def tile(image_rgb, text):
-    """One square cell of the montage, the label on a band at its top."""
+def tile(image_rgb, lines):
+    """One square cell of the montage, the labels on a band at its top."""
     cell = cv2.resize(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), (TILE, TILE),
                       interpolation=cv2.INTER_AREA)
-    cv2.rectangle(cell, (0, 0), (TILE, 22), (0, 0, 0), -1)
-    cv2.putText(cell, text, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 0), 1,
-                cv2.LINE_AA)
+    cv2.rectangle(cell, (0, 0), (TILE, 6 + 16 * len(lines)), (0, 0, 0), -1)
+    for row, text in enumerate(lines):
+        cv2.putText(cell, text, (4, 17 + 16 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 255, 0), 1, cv2.LINE_AA)
     return cell
+
+
+def chosen_labels(probabilities, classes, multi_label, top_k, threshold):
+    """(label, probability) pairs to report, the most probable first: the top_k classes, or
+    for a multi-label model every label at or above threshold."""
+    ranked = np.argsort(probabilities)[::-1]
+    if multi_label:
+        ranked = [index for index in ranked if probabilities[index] >= threshold]
+    else:
+        ranked = ranked[:top_k]
+    return [(classes[index], float(probabilities[index])) for index in ranked]
 
 
 def save_montage(path, tiles):
@@ -122,8 +141,9 @@ def save_montage(path, tiles):
 def table_line(result):
     if "error" in result:
         return f"{result['path']}: error: {result['error']}"
-    return f"{result['path']}: " + ", ".join(
+    return f"{result['path']}: " + (", ".join(
         f"{label} {probability * 100:.2f}%" for label, probability in result["predictions"])
+        or "no label")
 
 
 def format_results(results, kind):
@@ -173,6 +193,9 @@ def predict(args):
     model = artifacts.load_model(args.model, args.unsafe_model)
     binarizer = artifacts.load_labels(args.labels)
     classes = [str(name) for name in binarizer.classes_]
+    multi_label = artifacts.is_multi_label(binarizer)
+    if not 0 < args.threshold < 1:
+        raise images.UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
     image_size = model.input_shape[1]
     if model.output_shape[-1] != len(classes):
         raise images.UserError(f"{args.labels} has {len(classes)} classes but {args.model} "
@@ -197,12 +220,12 @@ def predict(args):
         except images.ImageError as error:
             return path, None, str(error)
 
-    def draw(path, text, name, want_tile):
+    def draw(path, lines, name, want_tile):
         # The full-size picture for the pictures; the model saw load_image's pixels.
         original = images.decode_image(path, args.max_pixels)
         if name:
-            save_jpeg(os.path.join(args.output, name), annotate(original, text))
-        return tile(original, text) if want_tile else None
+            save_jpeg(os.path.join(args.output, name), annotate(original, lines))
+        return tile(original, lines) if want_tile else None
 
     montage_size = MONTAGE_COLUMNS * MONTAGE_ROWS if args.montage else 0
     with ThreadPoolExecutor(max_workers=args.workers) as pool, \
@@ -221,17 +244,18 @@ def predict(args):
             if loaded:
                 batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
                 for (path, _), probabilities in zip(loaded, model.predict_on_batch(batch)):
-                    best = np.argsort(probabilities)[::-1][:top_k]
-                    results.append({"path": path, "predictions": [
-                        (classes[index], float(probabilities[index])) for index in best]})
+                    predictions = chosen_labels(probabilities, classes, multi_label, top_k,
+                                                args.threshold)
+                    results.append({"path": path, "predictions": predictions})
                     if streaming:
                         print(table_line(results[-1]))
-                    label, probability = results[-1]["predictions"][0]
+                    # The blog draws the top class; a multi-label image gets each of its labels.
+                    lines = [f"{label} {probability * 100:.2f}%" for label, probability in
+                             (predictions if multi_label else predictions[:1])] or ["no label"]
                     want_tile = len(tiles) + len(drawings) < montage_size
                     if args.annotate or want_tile:
                         name = output_name(path, taken) if args.annotate else None
-                        drawings.append(pool.submit(draw, path, f"{label} "
-                                                    f"{probability * 100:.2f}%", name, want_tile))
+                        drawings.append(pool.submit(draw, path, lines, name, want_tile))
             for drawing in drawings:
                 cell = drawing.result()  # a write error stops the run here
                 if cell is not None:

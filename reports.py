@@ -3,6 +3,9 @@
 report.html is one self-contained page: the pictures are files beside it, there is no
 script, no style sheet and no font from elsewhere, so it opens from disk, with no server
 and no network, in any browser.
+
+For a multi-label model, true and predicted are label indicator rows (images x labels, 0/1),
+as scikit-learn takes them; for a single-label model, class indices.
 """
 
 import html
@@ -13,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: training runs on servers without a display
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import ConfusionMatrixDisplay, classification_report
+from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
+                             multilabel_confusion_matrix)
 
 import artifacts
 
@@ -34,19 +38,31 @@ def save_figure(figure, path):
     plt.close(figure)
 
 
+def is_multi_label(true):
+    return np.ndim(true) == 2
+
+
 def save_classification_report(true, predicted, classes, output):
-    """scikit-learn's report as text (the blog's) and as JSON; returns both."""
+    """scikit-learn's report as text (the blog's) and as JSON; returns both. Multi-label
+    reports add the exact-match accuracy: the share of images with every label right."""
     options = {"labels": range(len(classes)), "target_names": classes, "zero_division": 0}
     text = classification_report(true, predicted, digits=4, **options)
+    scores = classification_report(true, predicted, output_dict=True, **options)
+    if is_multi_label(true):
+        exact = scores["exact_match_accuracy"] = float(accuracy_score(true, predicted))
+        text += f"\nexact-match accuracy (every label right): {exact:.4f}\n"
     with artifacts.atomic_path(os.path.join(output, REPORT_TEXT)) as temporary:
         with open(temporary, "w") as handle:
             handle.write(text)
-    scores = classification_report(true, predicted, output_dict=True, **options)
     artifacts.write_json(os.path.join(output, REPORT_JSON), scores)
     return text, scores
 
 
 def save_confusion_matrix(true, predicted, classes, output):
+    """The blog's confusion matrix; for multi-label, one yes/no matrix per label."""
+    if is_multi_label(true):
+        save_label_matrices(true, predicted, classes, output)
+        return
     figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
     ConfusionMatrixDisplay.from_predictions(true, predicted, labels=range(len(classes)),
                                             display_labels=classes, xticks_rotation=45,
@@ -55,11 +71,29 @@ def save_confusion_matrix(true, predicted, classes, output):
     save_figure(figure, os.path.join(output, CONFUSION_MATRIX))
 
 
+def save_label_matrices(true, predicted, classes, output):
+    columns = min(4, len(classes))
+    rows = -(-len(classes) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 3, rows * 3), squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, name, matrix in zip(grid.flat, classes,
+                                  multilabel_confusion_matrix(true, predicted)):
+        axes.axis("on")
+        ConfusionMatrixDisplay(matrix, display_labels=["no", "yes"]).plot(ax=axes,
+                                                                          colorbar=False)
+        axes.set_title(name)
+    figure.suptitle("Confusion matrix per label (test split)")
+    save_figure(figure, os.path.join(output, CONFUSION_MATRIX))
+
+
 def save_training_plot(history, output):
-    """Loss and accuracy per epoch, for the epochs that actually ran."""
+    """Loss and accuracy per epoch, for the epochs that actually ran (the share of right
+    yes/no label decisions, binary_accuracy, for multi-label models)."""
     epochs = np.arange(1, len(history["loss"]) + 1)
+    accuracy = "accuracy" if "accuracy" in history else "binary_accuracy"
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
+    for axes, metric in ((loss_axes, "loss"), (accuracy_axes, accuracy)):
         axes.plot(epochs, history[metric], label=f"train {metric}")
         axes.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
         axes.set_xlabel("epoch")
@@ -99,27 +133,43 @@ def save_dataset_overview(counts, samples, classes, output):
     save_figure(figure, os.path.join(output, OVERVIEW))
 
 
-def confident_mistakes(true, probabilities, count):
-    """Indices of the wrongly predicted images, the most confident mistakes first."""
-    predicted = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predicted != true)
-    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:count]
+def confident_mistakes(true, probabilities, count, threshold=0.5):
+    """Indices of the wrongly predicted images, the most confident mistakes first. A
+    multi-label image is wrong when any label is; its mistake is as confident as the
+    probability of its worst label is far from the truth."""
+    if is_multi_label(true):
+        wrong = np.flatnonzero(np.any((probabilities >= threshold) != true, axis=1))
+        confidence = np.abs(probabilities[wrong] - true[wrong]).max(axis=1)
+    else:
+        predicted = probabilities.argmax(axis=1)
+        wrong = np.flatnonzero(predicted != true)
+        confidence = probabilities[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:count]
 
 
-def save_confident_mistakes(pictures, true, probabilities, classes, output):
+def mistake_title(truth, probability, classes, threshold):
+    """'true: ...\npredicted: ...' under a picture of a mistake."""
+    if np.ndim(truth) == 0:
+        guess = int(np.argmax(probability))
+        return (f"true: {classes[truth]}\npredicted: {classes[guess]} "
+                f"{probability[guess] * 100:.1f}%")
+    true_names = ", ".join(classes[index] for index in np.flatnonzero(truth)) or "none"
+    guessed = ", ".join(f"{classes[index]} {probability[index] * 100:.0f}%"
+                        for index in np.flatnonzero(probability >= threshold)) or "none"
+    return f"true: {true_names}\npredicted: {guessed}"
+
+
+def save_confident_mistakes(pictures, true, probabilities, classes, output, threshold=0.5):
     """A grid of the given test images with their true and predicted classes."""
-    predicted = probabilities.argmax(axis=1)
     columns = 4
     rows = max(1, -(-len(pictures) // columns))
     figure, grid = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 2.9),
                                 squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
-    for axes, picture, truth, guess, probability in zip(
-            grid.flat, pictures, true, predicted, probabilities.max(axis=1)):
+    for axes, picture, truth, probability in zip(grid.flat, pictures, true, probabilities):
         axes.imshow(picture)
-        axes.set_title(f"true: {classes[truth]}\npredicted: {classes[guess]} "
-                       f"{probability * 100:.1f}%", fontsize=9)
+        axes.set_title(mistake_title(truth, probability, classes, threshold), fontsize=9)
     if not len(pictures):
         grid[0, 0].text(0, 0.5, "No mistakes on the test split.", fontsize=12)
     figure.suptitle("The most confident mistakes on the test split")
@@ -145,6 +195,12 @@ def write_html(output, summary, report):
             rows.append(f"<tr><th>{html.escape(name)}</th>" + "".join(
                 f"<td>{scores[key]:.4g}</td>" for key in
                 ("precision", "recall", "f1-score", "support")) + "</tr>")
+    if "exact_match_accuracy" in report:
+        accuracy_row = ('<tr><th>exact-match accuracy</th><td colspan="4">'
+                        f'{report["exact_match_accuracy"]:.4f}</td></tr>')
+    else:
+        accuracy_row = (f'<tr><th>accuracy</th><td colspan="4">{report.get("accuracy", 0):.4f}'
+                        '</td></tr>')
     files = [name for name in (REPORT_TEXT, REPORT_JSON, "history.csv", "config.json",
                                "labels.json", "skipped_files.csv", artifacts.MODEL_FILE)
              if os.path.exists(os.path.join(output, name))]
@@ -168,7 +224,7 @@ img {{ max-width: 100%; }}
 <h2>Scores per class (test split)</h2>
 <table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th><th>support</th></tr>
 {"".join(rows)}
-<tr><th>accuracy</th><td colspan="4">{report.get("accuracy", 0):.4f}</td></tr></table>
+{accuracy_row}</table>
 {picture(CONFUSION_MATRIX, "Confusion matrix (test split)")}
 {picture(MISTAKES, "The most confident mistakes")}
 <h2>Files</h2>

@@ -2,8 +2,9 @@
 
     python train.py --dataset Dataset
 
-Reads every image below the dataset folder (the class is the first folder under it), holds
-out a stratified test split, trains with ImageDataGenerator augmentation, and leaves in the
+Reads every image below the dataset folder (the class is the first folder under it; with
+--multi-label its name split into labels, or the labels come from --labels-csv), holds out a
+stratified test split, trains with ImageDataGenerator augmentation, and leaves in the
 output folder: vgg_model.keras, labels.pickle and labels.json, checkpoints/, history.csv,
 config.json, and the reports (reports.py): classification_report.txt and .json,
 confusion_matrix.png, training_plot.png, dataset_overview.png, confident_mistakes.png, all
@@ -120,6 +121,24 @@ def build_parser():
     augment.add_argument("--horizontal-flip", action=argparse.BooleanOptionalAction, default=True,
                          help="mirror images at random")
 
+    labelling = parser.add_argument_group("multi-label training")
+    labelling.add_argument("--multi-label", action="store_true",
+                           help="images may carry several labels: each class folder name is "
+                                "split on --label-separator (black_dress: black and dress); "
+                                "one sigmoid output per label, binary cross-entropy")
+    labelling.add_argument("--label-separator", default="_",
+                           help="splits folder names into labels with --multi-label")
+    labelling.add_argument("--labels-csv", default=None,
+                           help="take the labels of --dataset from this CSV file of path,labels "
+                                "rows (paths relative to --dataset; labels separated by "
+                                "--csv-label-separator) instead of folder names; implies "
+                                "--multi-label")
+    labelling.add_argument("--csv-label-separator", default=";",
+                           help="splits the labels column of --labels-csv")
+    labelling.add_argument("--threshold", type=float, default=0.5,
+                           help="with --multi-label, the test report counts a label as "
+                                "predicted when its probability reaches this")
+
     callbacks = parser.add_argument_group("callbacks")
     callbacks.add_argument("--lr-factor", type=float, default=0.5,
                            help="ReduceLROnPlateau: multiply the learning rate by this")
@@ -161,6 +180,13 @@ def parse_args(argv=None):
         args.cache_dir = os.path.join(args.output, "cache")
     if args.no_cache and args.data_mode == "stream":
         raise images.UserError("--data-mode stream reads batches from the cache: drop --no-cache")
+    if args.labels_csv:
+        args.multi_label = True
+    if args.multi_label and args.class_weight != "none":
+        raise images.UserError("--class-weight weighs one class per image: it cannot be used "
+                               "with --multi-label")
+    if not 0 < args.threshold < 1:
+        raise images.UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
     return args
 
 
@@ -391,7 +417,8 @@ def load_dataset(args):
     loaded, skipped, found = {}, [], 0
     for role, root in folders.items():
         if root:
-            data, labels, unusable, listed = load_folder(root, args)
+            labels_csv = args.labels_csv if role == "train" else None
+            data, labels, unusable, listed = load_folder(root, args, labels_csv)
             loaded[role] = data, labels
             skipped += unusable
             found += listed
@@ -403,12 +430,14 @@ def load_dataset(args):
     if skipped:
         log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
                     len(skipped), found, os.path.join(args.output, "skipped_files.csv"))
-    classes = set(loaded["train"][1])
+    classes = label_names(loaded["train"][1], args.multi_label)
     if len(classes) < 2:
         raise images.UserError(
-            f"need images in at least 2 class folders of {args.dataset}, found {len(classes)}")
+            f"need images of at least 2 classes in {args.labels_csv or args.dataset}, found "
+            f"{len(classes)}")
     for role in ("validation", "test"):
-        unknown = set(loaded[role][1]) - classes if role in loaded else set()
+        unknown = (label_names(loaded[role][1], args.multi_label) - classes
+                   if role in loaded else set())
         if unknown:
             raise images.UserError(
                 f"{folders[role]} has classes that {args.dataset} has not: "
@@ -416,16 +445,31 @@ def load_dataset(args):
     return loaded
 
 
-def load_folder(root, args):
-    """(images, labels, skipped files, files found) for one folder of class sub-folders."""
-    image_paths = images.list_images(root)
-    image_paths = [path for path in image_paths if images.label_of(path, root)]
-    folders = {entry.name for entry in os.scandir(root)
-               if entry.is_dir() and not entry.name.startswith(".")}
-    for empty in sorted(folders - {images.label_of(path, root) for path in image_paths}):
-        log.warning("class folder %s holds no images: ignored", os.path.join(root, empty))
+def label_names(labels, multi_label):
+    """Every class (label) name that labels use."""
+    return {name for names in labels for name in names} if multi_label else set(labels)
+
+
+def load_folder(root, args, labels_csv=None):
+    """(images, labels, skipped files, files found) for one folder of class sub-folders, or
+    for the images that labels_csv lists. Labels are class names, or with --multi-label
+    tuples of label names."""
+    missing = []
+    if labels_csv:
+        listed = read_labels_csv(labels_csv, root, args.csv_label_separator)
+        missing = [(path, f"listed in {labels_csv} but not found")
+                   for path in listed if not os.path.isfile(path)]
+        image_paths = sorted(path for path in listed if os.path.isfile(path))
+    else:
+        image_paths = images.list_images(root)
+        image_paths = [path for path in image_paths if images.label_of(path, root)]
+        folders = {entry.name for entry in os.scandir(root)
+                   if entry.is_dir() and not entry.name.startswith(".")}
+        for empty in sorted(folders - {images.label_of(path, root) for path in image_paths}):
+            log.warning("class folder %s holds no images: ignored", os.path.join(root, empty))
     if not image_paths:
-        raise images.UserError(f"no images found in class sub-folders of {root}")
+        where = labels_csv or f"class sub-folders of {root}"
+        raise images.UserError(f"no images found in {where}")
     random.Random(args.seed).shuffle(image_paths)
     log.info("found %d images in %s", len(image_paths), root)
 
@@ -436,17 +480,53 @@ def load_folder(root, args):
         data, kept, skipped = image_cache.load_images(
             image_paths, args.image_size, args.cache_dir, args.max_pixels,
             workers=args.workers, name=image_cache.folder_name(root))
-    labels = np.array([images.label_of(image_paths[i], root) for i in kept])
-    return data, labels, skipped, len(image_paths)
+    if labels_csv:
+        labels = [listed[image_paths[i]] for i in kept]
+    elif args.multi_label:
+        labels = [split_label(images.label_of(image_paths[i], root), args.label_separator)
+                  for i in kept]
+    else:
+        labels = np.array([images.label_of(image_paths[i], root) for i in kept])
+    return data, labels, missing + skipped, len(image_paths) + len(missing)
+
+
+def split_label(folder_name, separator):
+    """black_dress -> ("black", "dress")."""
+    return tuple(sorted({name.strip() for name in folder_name.split(separator) if name.strip()}))
+
+
+def read_labels_csv(path, root, separator):
+    """{image path: tuple of labels} from a CSV file of path,labels rows (a header row of
+    exactly path,labels is skipped); relative image paths are taken from root."""
+    rows = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                if not row or (reader.line_num == 1 and
+                               [cell.strip().lower() for cell in row] == ["path", "labels"]):
+                    continue
+                if len(row) != 2:
+                    raise images.UserError(f"{path}, line {reader.line_num}: expected 2 columns "
+                                           f"(path,labels), found {len(row)}")
+                image_path = os.path.normpath(os.path.join(root, row[0].strip()))
+                rows[image_path] = split_label(row[1], separator)
+    except OSError as error:
+        raise images.UserError(f"cannot read the labels file {path}: {error.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise images.UserError(f"{path} is not a CSV file of path,labels rows: {error}") from None
+    return rows
 
 
 def split(data, labels, targets, args, in_memory):
     """Stratified split; falls back to a plain random split when some class is too small.
     Returns train_x, test_x, train_y, test_y, the images in memory or still on disk."""
     positions = np.arange(len(labels))
+    # With several labels per image, each combination of labels is a stratum.
+    strata = [str(label) for label in labels]
     try:
         train_at, test_at = train_test_split(positions, test_size=args.test_size,
-                                             random_state=args.seed, stratify=labels)
+                                             random_state=args.seed, stratify=strata)
     except ValueError as error:
         log.warning("cannot stratify the split (%s); splitting at random", error)
         train_at, test_at = train_test_split(positions, test_size=args.test_size,
@@ -546,16 +626,13 @@ def build_callbacks(args, resuming):
 
 
 def save_overview(classes, train_x, train_y, val_y, test_y, output):
-    """Images per class in each split, and a few training images of each class."""
-    def per_class(targets):
-        return np.bincount(targets.argmax(axis=1), minlength=len(classes))
-
-    counts = {"training": per_class(train_y), "test": per_class(test_y)}
+    """Images per class (per label when multi-label) in each split, and a few training
+    images of each class."""
+    counts = {"training": train_y.sum(axis=0), "test": test_y.sum(axis=0)}
     if val_y is not None:
-        counts["validation"] = per_class(val_y)
-    train_labels = train_y.argmax(axis=1)
-    samples = {index: train_x[np.flatnonzero(train_labels == index)[
-        :reports.SAMPLES_PER_CLASS]] for index in range(len(classes))}
+        counts["validation"] = val_y.sum(axis=0)
+    samples = {index: train_x[np.flatnonzero(train_y[:, index])[:reports.SAMPLES_PER_CLASS]]
+               for index in range(len(classes))}
     reports.save_dataset_overview(counts, samples, classes, output)
 
 
@@ -630,7 +707,7 @@ def train(args, extra_callbacks=()):
 
     loaded = load_dataset(args)
     data, labels = loaded.pop("train")
-    binarizer, targets = artifacts.fit_binarizer(labels)
+    binarizer, targets = artifacts.fit_binarizer(labels, args.multi_label)
     classes = [str(name) for name in binarizer.classes_]
     total_bytes = data.size + sum(part.size for part, _ in loaded.values())
     data_mode = choose_data_mode(args.data_mode, total_bytes, available_memory())
@@ -646,8 +723,8 @@ def train(args, extra_callbacks=()):
     precision = choose_precision(args.precision, gpu_capabilities(), cpu_flags())
     log.info("images %s, %s precision", "in memory" if data_mode == "memory"
              else f"streamed from {args.cache_dir}", precision)
-    log.info("%d classes: %s", len(classes), ", ".join(
-        f"{name} ({np.sum(labels == name)})" for name in classes))
+    log.info("%d %s: %s", len(classes), "labels" if args.multi_label else "classes", ", ".join(
+        f"{name} ({count:.0f})" for name, count in zip(classes, targets.sum(axis=0))))
     log.info("training on %d images, validating on %d%s, testing on %d", len(train_x),
              len(val_x), "" if args.val_dir else " (the test split)", len(test_x))
 
@@ -665,11 +742,18 @@ def train(args, extra_callbacks=()):
     keras.mixed_precision.set_dtype_policy(precision)
     try:
         model = vgg.build_vgg((args.image_size, args.image_size, 3), len(classes),
-                              bn_momentum=args.bn_momentum)
+                              bn_momentum=args.bn_momentum, multi_label=args.multi_label)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr),
-                  loss="categorical_crossentropy", metrics=["accuracy"])
+    if args.multi_label:
+        # Keras would also call this "accuracy"; it is the share of right yes/no label
+        # decisions, not of images with every label right (that one is in the test report).
+        loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(
+            name="binary_accuracy", threshold=args.threshold)]
+    else:
+        loss, metrics = "categorical_crossentropy", ["accuracy"]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr), loss=loss,
+                  metrics=metrics)
     check_free_space(model, args)
     resume = resume_point(args)
     first_epoch = 0
@@ -723,17 +807,26 @@ def train(args, extra_callbacks=()):
     with artifacts.atomic_path(model_path) as temporary:
         model.save(temporary)
     probabilities = model.predict(test_batches, verbose=0)
-    true, predicted = test_y.argmax(axis=1), probabilities.argmax(axis=1)
+    if args.multi_label:  # label indicator rows: what scikit-learn takes as multi-label
+        true = test_y.astype(int)
+        predicted = (probabilities >= args.threshold).astype(int)
+        accuracy = float(np.mean(np.all(true == predicted, axis=1)))  # exact match
+    else:
+        true, predicted = test_y.argmax(axis=1), probabilities.argmax(axis=1)
+        accuracy = float(np.mean(true == predicted))
     report, scores = reports.save_classification_report(true, predicted, classes, args.output)
     reports.save_confusion_matrix(true, predicted, classes, args.output)
-    wrong = reports.confident_mistakes(true, probabilities, count=MISTAKES_SHOWN)
+    wrong = reports.confident_mistakes(true, probabilities, MISTAKES_SHOWN, args.threshold)
     reports.save_confident_mistakes(test_x[wrong], true[wrong], probabilities[wrong], classes,
-                                    args.output)
+                                    args.output, args.threshold)
     if epochs_run:
         reports.save_training_plot(history, args.output)
-    accuracy = float(np.mean(true == predicted))
     reports.write_html(args.output, {
-        "test accuracy": f"{accuracy:.4f}", "epochs": f"{epochs_run} of {args.epochs}",
+        ("test exact-match accuracy" if args.multi_label else "test accuracy"):
+            f"{accuracy:.4f}",
+        "labels": (f"several per image (threshold {args.threshold})" if args.multi_label
+                   else "one per image"),
+        "epochs": f"{epochs_run} of {args.epochs}",
         "classes": len(classes), "training images": len(train_x),
         "validation images": len(val_x) if args.val_dir else "the test split",
         "test images": len(test_x), "image size": f"{args.image_size}x{args.image_size}",
@@ -741,7 +834,7 @@ def train(args, extra_callbacks=()):
         "TensorBoard run": os.path.join(args.logs, args.run_name)}, scores)
     print(report)
     print(f"report: {os.path.join(args.output, reports.HTML)}")
-    return {"model": model_path, "test_accuracy": accuracy,
+    return {"model": model_path, "test_accuracy": accuracy, "multi_label": args.multi_label,
             "epochs": epochs_run, "seconds": seconds, "classes": classes,
             "output": args.output, "logs": os.path.join(args.logs, args.run_name),
             "interrupted": interrupted}
@@ -779,7 +872,8 @@ def main(argv=None):
     print(f"model: {summary['model']}")
     print(f"reports and plots: {summary['output']}")
     print(f"TensorBoard: tensorboard --logdir {os.path.dirname(summary['logs']) or '.'}")
-    print(f"test accuracy: {summary['test_accuracy']:.2f}")
+    print(f"test {'exact-match ' if summary['multi_label'] else ''}accuracy: "
+          f"{summary['test_accuracy']:.2f}")
     return 130 if summary["interrupted"] else 0
 
 

@@ -2,8 +2,9 @@
 
 Blocks of 3x3 'same' convolutions (stride 1) with ReLU and BatchNormalization, then 2x2 max
 pooling (stride 2) and Dropout 0.25; the filters double per block: 32; 64x2; 128x3; 128x3.
-Then Dense 512 + BatchNormalization + Dropout 0.5 and the output layer. About 1.9 M
-parameters at 64x64x3 with 8 classes.
+Then Dense 512 + BatchNormalization + Dropout 0.5 and the output layer: softmax (one class
+per image), or with multi_label one sigmoid per label, each label judged on its own. About
+1.9 M parameters at 64x64x3 with 8 classes.
 
 BatchNormalization momentum defaults to 0.9 (PyTorch's value), not Keras's 0.99: with 0.99
 the moving statistics lag so far behind the weights in short runs that test accuracy stays
@@ -16,8 +17,9 @@ from keras import layers
 BLOCKS = ((32, 1), (64, 2), (128, 3), (128, 3))
 
 
-def build_vgg(input_shape, num_classes, bn_momentum=0.9):
-    """Return an uncompiled keras.Model taking RGB images of input_shape with values in 0..255."""
+def build_vgg(input_shape, num_classes, bn_momentum=0.9, multi_label=False):
+    """Return an uncompiled keras.Model taking RGB images of input_shape with values in 0..255
+    and giving one probability per class."""
     def batch_norm():
         return layers.BatchNormalization(momentum=bn_momentum)
 
@@ -36,5 +38,6 @@ def build_vgg(input_shape, num_classes, bn_momentum=0.9):
     x = layers.Dropout(0.5)(x)
     x = layers.Dense(num_classes, name="logits")(x)
     # float32 output keeps the probabilities exact when the rest runs in mixed precision.
-    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+    outputs = layers.Activation("sigmoid" if multi_label else "softmax", dtype="float32",
+                                name="probabilities")(x)
     return keras.Model(inputs, outputs, name="vgg")
