@@ -147,6 +147,19 @@ def test_a_killed_worker_stops_the_other_and_both_resume(demo_dataset, tmp_path)
     assert not (tmp_path / "out0" / "backup").exists()
 
 
+def test_workers_with_other_settings_stop_together_with_one_clear_error(demo_dataset,
+                                                                        tmp_path):
+    addresses = free_addresses(2)
+    results = finish([start([sys.executable, os.path.join(ROOT, "train.py"),
+                             *worker_flags(demo_dataset, tmp_path, index, addresses,
+                                           "--epochs", str(2 + index))])
+                      for index in range(2)])
+    for code, _, err in results:
+        assert code == 2, err[-3000:]
+        assert "the workers disagree on the epochs" in err and "Traceback" not in err
+    assert not (tmp_path / "out0" / "history.csv").exists()
+
+
 def numbered_images(count):
     x = np.zeros((count, 8, 8, 3), np.uint8)
     for index in range(count):
