@@ -98,15 +98,15 @@ def test_two_workers_train_the_same_weights_and_the_chief_writes_the_model(demo_
 def test_one_step_on_two_workers_or_two_devices_is_one_step_of_one_process(demo_dataset,
                                                                            tmp_path):
     addresses = free_addresses(2)
-    processes = [driver(tmp_path / "alone.npz", worker_flags(demo_dataset, tmp_path / "alone",
-                                                              0, None), "--one-step"),
-                 driver(tmp_path / "mirrored.npz",
-                        worker_flags(demo_dataset, tmp_path / "mirrored", 0, None,
-                                     "--devices", "CPU:0,CPU:1"),
-                        "--one-step", "--logical-cpus", "2")]
-    processes += [driver(tmp_path / f"worker{index}.npz",
-                         worker_flags(demo_dataset, tmp_path / "workers", index, addresses),
-                         "--one-step") for index in range(2)]
+    weighted = ["--class-weight", "balanced"]
+    processes = [driver(tmp_path / "alone.npz", worker_flags(
+                     demo_dataset, tmp_path / "alone", 0, None, *weighted), "--one-step"),
+                 driver(tmp_path / "mirrored.npz", worker_flags(
+                     demo_dataset, tmp_path / "mirrored", 0, None, *weighted,
+                     "--devices", "CPU:0,CPU:1"), "--one-step", "--logical-cpus", "2")]
+    processes += [driver(tmp_path / f"worker{index}.npz", worker_flags(
+                      demo_dataset, tmp_path / "workers", index, addresses, *weighted),
+                      "--one-step") for index in range(2)]
     results = finish(processes)
     for code, _, err in results:
         assert code == 0, err[-3000:]
@@ -121,7 +121,8 @@ def test_one_step_on_two_workers_or_two_devices_is_one_step_of_one_process(demo_
 def test_a_killed_worker_stops_the_other_and_both_resume(demo_dataset, tmp_path):
     addresses = free_addresses(2)
     commands = [[sys.executable, os.path.join(ROOT, "train.py"),
-                 *worker_flags(demo_dataset, tmp_path, index, addresses)] for index in range(2)]
+                 *worker_flags(demo_dataset, tmp_path, index, addresses, "--augment", "layers")]
+                for index in range(2)]
     chief, other = start(commands[0]), start(commands[1])
     marker = tmp_path / "out0" / "backup" / "training_metadata.json"
     deadline = time.monotonic() + TIMEOUT
