@@ -8,11 +8,13 @@ same logs, reduced over all the workers, so every worker takes the same decision
 the learning rate, stopping early or on NaN) at the same step.
 
 Every worker runs the same program on its own copy of the data and builds the same global
-batches from the seed; replica r of R trains on part r of each (shard_part), so the global
-batch, the steps per epoch and the augmentation of each image are those of one process.
-Gradients are averaged over the whole global batch before every update, so the workers keep
-identical weights. The chief (worker 0) writes the run's files; its backup is the run's
-state, which the others take over when a run resumes.
+batches from the seed; replica r of R decodes and trains on part r of each (shard_part), so
+the global batch, the steps per epoch and the ImageDataGenerator transform of each image are
+those of one process. Gradients are averaged over the whole global batch before every
+update, so the workers keep identical weights. The chief (worker 0) writes the run's files;
+its backup is the run's state, which the others take over when a run resumes. A worker that
+stops makes TensorFlow abort the collective operations of the others (its coordination
+service notices the missing heartbeats), which then stop with WorkerLost.
 """
 
 import atexit
@@ -72,8 +74,9 @@ def choose_strategy(name, devices, worker_addresses, worker_index):
                                "--worker-index")
     try:
         cluster = cluster or tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        log.info("worker %d of %d: waiting for all the workers to start",
-                 cluster.task_id, len(cluster.cluster_spec().job_tasks(cluster.task_type)))
+        spec = cluster.cluster_spec()
+        log.info("%s %d, one of %d: waiting for all of them to start", cluster.task_type,
+                 cluster.task_id, sum(len(spec.job_tasks(job)) for job in spec.jobs))
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster)
     except (ValueError, KeyError, TypeError) as error:
         raise images.UserError(f"cannot use the cluster in TF_CONFIG: {error}") from None
