@@ -36,6 +36,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 import artifacts
+import distributed
 import image_cache
 import images
 import reports
@@ -48,7 +49,8 @@ HISTORY_FILE = "history.csv"
 BACKUP_DIR = "backup"
 # Settings that may change between an interrupted run and its resumption.
 NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs", "cache_dir",
-                       "no_cache", "data_mode", "config", "early_stopping"}
+                       "no_cache", "data_mode", "config", "early_stopping", "strategy", "devices",
+                       "worker_addresses", "worker_index"}
 # Keras dtype policies behind --precision.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # Test images shown in Output/confident_mistakes.png.
@@ -156,6 +158,19 @@ def build_parser():
                            default=True, help="only write a checkpoint when val_loss improves")
     callbacks.add_argument("--keep-checkpoints", type=int, default=5,
                            help="keep the newest N checkpoint files (0: keep all)")
+
+    scale = parser.add_argument_group("several GPUs and machines (--batch-size is the global "
+                                      "batch, over all of them)")
+    scale.add_argument("--strategy", choices=distributed.STRATEGIES, default="auto",
+                       help="single: one device; mirrored: the GPUs of this machine; "
+                            "multi-worker: several machines; auto: multi-worker with TF_CONFIG "
+                            "or --worker-addresses, mirrored with --devices or 2+ GPUs")
+    scale.add_argument("--devices", default=None,
+                       help="devices to mirror over, e.g. GPU:0,GPU:1; none means every GPU")
+    scale.add_argument("--worker-addresses", default=None, metavar="HOST:PORT,...",
+                       help="every worker's address, the chief first; instead of TF_CONFIG")
+    scale.add_argument("--worker-index", type=int, default=None,
+                       help="this worker's place in --worker-addresses (0: the chief)")
     parser.add_argument("--fresh", action="store_true",
                         help="start afresh instead of resuming an interrupted run")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -301,18 +316,21 @@ def finite_losses(logs):
 _transform_lock = threading.Lock()
 
 
-def batches(x, y, batch_size):
-    """Evaluation batches of uint8 images x as float32, in order, without augmentation."""
+def batches(x, y, batch_size, shard=(0, 1)):
+    """Evaluation batches of uint8 images x as float32, in order, without augmentation; with
+    shard (index, shards), only that shard's part of each batch (distributed.shard_part)."""
     def make_batch(start):
         chosen = np.arange(start, min(start + batch_size, len(x)))
+        chosen = chosen[distributed.shard_part(len(chosen), shard)]
         return x[chosen].astype(np.float32), y[chosen]
 
     return _pipeline(tf.data.Dataset.range(0, len(x), batch_size), make_batch, x, y)
 
 
-def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0):
+def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0, shard=(0, 1)):
     """Augmented batches, epoch after epoch from first_epoch, without end: fit them with
     steps_per_epoch = ceil(len(x) / batch_size), so that every epoch sees every image once.
+    With shard (index, shards), only that shard's part of each batch (distributed.shard_part).
 
     x is a uint8 array in memory or image_cache.ImageRows on disk: either way each batch is
     gathered from a fresh permutation of all the images (a full shuffle, 8 bytes per image),
@@ -322,8 +340,9 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0):
     calls, a Keras layer applied to whole batches inside tf.data, or None. The order, and the
     ImageDataGenerator transforms, of epoch e depend only on (seed, e): a run resumed at
     epoch e sees the batches the uninterrupted run would have seen, not a replay of the
-    first epochs. Keras's PyDataset route was measured about half as fast here: it copies
-    each batch through a Python generator.
+    first epochs, and a shard's images get the transforms they get in the whole batch.
+    Keras's PyDataset route was measured about half as fast here: it copies each batch
+    through a Python generator.
     """
     steps = math.ceil(len(x) / batch_size)
     generator = augmentation if isinstance(augmentation, ImageDataGenerator) else None
@@ -335,11 +354,15 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0):
     def make_batch(position):
         epoch, step = divmod(int(position), steps)
         chosen = order(epoch)[step * batch_size:(step + 1) * batch_size]
-        images = x[chosen].astype(np.float32)
-        if generator:
+        part = distributed.shard_part(len(chosen), shard)
+        images = x[chosen[part]].astype(np.float32)
+        if generator and len(images):  # a shard's part of a short last batch may be empty
+            # One seed per image of the whole batch, drawn in order, whichever part is ours.
             rng = np.random.default_rng([seed, epoch, step])
-            images = np.stack([random_transform(generator, image, rng) for image in images])
-        return images, y[chosen]
+            seeds = [int(rng.integers(2**31)) for _ in chosen][part]
+            images = np.stack([random_transform(generator, image, image_seed)
+                               for image, image_seed in zip(images, seeds)])
+        return images, y[chosen[part]]
 
     dataset = _pipeline(tf.data.Dataset.counter(start=first_epoch * steps), make_batch, x, y)
     if generator or augmentation is None:
@@ -389,10 +412,10 @@ def augmentation_layers(args, seed):
     return keras.Sequential(chosen, name="augmentation") if chosen else None
 
 
-def random_transform(generator, image, rng):
-    """ImageDataGenerator.random_transform, reproducible from rng even in parallel threads."""
+def random_transform(generator, image, seed):
+    """ImageDataGenerator.random_transform, reproducible from seed even in parallel threads."""
     with _transform_lock:  # get_random_transform seeds NumPy's global generator
-        params = generator.get_random_transform(image.shape, seed=int(rng.integers(2**31)))
+        params = generator.get_random_transform(image.shape, seed=seed)
     return generator.apply_transform(image, params)
 
 
@@ -702,6 +725,11 @@ def train(args, extra_callbacks=()):
 
     extra_callbacks are added to fit's (before the backup), for programs that drive train(),
     like benchmarks/bench.py."""
+    strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
+                                           args.worker_index)
+    if not distributed.is_chief(strategy):
+        args.output = distributed.private_folder(strategy)
+        args.logs = os.path.join(args.output, "logs")
     prepare_folders(args)
     keras.utils.set_random_seed(args.seed)
 
@@ -740,20 +768,22 @@ def train(args, extra_callbacks=()):
     # Layers take the global policy when they are built; put it back for whatever runs next.
     previous_policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(precision)
-    try:
-        model = vgg.build_vgg((args.image_size, args.image_size, 3), len(classes),
-                              bn_momentum=args.bn_momentum, multi_label=args.multi_label)
-    finally:
-        keras.mixed_precision.set_dtype_policy(previous_policy)
-    if args.multi_label:
-        # Keras would also call this "accuracy"; it is the share of right yes/no label
-        # decisions, not of images with every label right (that one is in the test report).
-        loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(
-            name="binary_accuracy", threshold=args.threshold)]
-    else:
-        loss, metrics = "categorical_crossentropy", ["accuracy"]
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr), loss=loss,
-                  metrics=metrics)
+    with distributed.model_scope(strategy):
+        try:
+            model = vgg.build_vgg((args.image_size, args.image_size, 3), len(classes),
+                                  bn_momentum=args.bn_momentum, multi_label=args.multi_label,
+                                  synchronized_bn=strategy.num_replicas_in_sync > 1)
+        finally:
+            keras.mixed_precision.set_dtype_policy(previous_policy)
+        if args.multi_label:
+            # Keras would also call this "accuracy"; it is the share of right yes/no label
+            # decisions, not of images with every label right (that one is in the test report).
+            loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(
+                name="binary_accuracy", threshold=args.threshold)]
+        else:
+            loss, metrics = "categorical_crossentropy", ["accuracy"]
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr), loss=loss,
+                      metrics=metrics)
     check_free_space(model, args)
     resume = resume_point(args)
     first_epoch = 0
@@ -784,10 +814,19 @@ def train(args, extra_callbacks=()):
     started = time.perf_counter()
     interrupted = False
     try:
-        # shuffle=False: the pipeline reshuffles itself each epoch.
-        model.fit(train_batches, steps_per_epoch=math.ceil(len(train_x) / args.batch_size),
-                  validation_data=validation_batches, epochs=args.epochs, shuffle=False,
-                  class_weight=class_weight, callbacks=callbacks, verbose=2)
+        if distributed.is_multi_worker(strategy):
+            distributed.fit(
+                strategy, model, functools.partial(
+                    training_batches, train_x, train_y, args.batch_size, augmentation, args.seed),
+                math.ceil(len(train_x) / args.batch_size),
+                functools.partial(batches, val_x, val_y, args.batch_size), epochs=args.epochs,
+                first_epoch=first_epoch, class_weight=class_weight, callbacks=callbacks,
+                verbose=2)
+        else:
+            # shuffle=False: the pipeline reshuffles itself each epoch.
+            model.fit(train_batches, steps_per_epoch=math.ceil(len(train_x) / args.batch_size),
+                      validation_data=validation_batches, epochs=args.epochs, shuffle=False,
+                      class_weight=class_weight, callbacks=callbacks, verbose=2)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: saving the model and reports of the epochs done; run the "
@@ -850,6 +889,8 @@ def write_config(args, classes, train_count, test_count, **resolved):
 def setup_logging(verbose=False):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # TensorFlow's Python INFO messages (tf.distribute's, mostly), like its C++ ones: with -v.
+    logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main(argv=None):
@@ -863,6 +904,9 @@ def main(argv=None):
     except TrainingDiverged as error:
         log.error("%s", error)
         return 3
+    except distributed.WorkerLost as error:
+        log.error("%s", error)
+        return 4
     except OSError as error:  # a full disk or a folder that went away mid-run
         log.error("cannot write %s: %s", error.filename or "the output", error.strerror or error)
         return 2

@@ -9,6 +9,11 @@ per image), or with multi_label one sigmoid per label, each label judged on its 
 BatchNormalization momentum defaults to 0.9 (PyTorch's value), not Keras's 0.99: with 0.99
 the moving statistics lag so far behind the weights in short runs that test accuracy stays
 near chance while training accuracy climbs. Pass bn_momentum=0.99 for the blog's behaviour.
+
+When several replicas train (tf.distribute), each sees only its part of a batch: with
+synchronized_bn=True BatchNormalization takes its batch statistics over the whole batch, across
+replicas, so every replica keeps the same moving statistics and the statistics are those of
+one replica training on the whole batch. It changes nothing for a single replica.
 """
 
 import keras
@@ -17,11 +22,12 @@ from keras import layers
 BLOCKS = ((32, 1), (64, 2), (128, 3), (128, 3))
 
 
-def build_vgg(input_shape, num_classes, bn_momentum=0.9, multi_label=False):
+def build_vgg(input_shape, num_classes, bn_momentum=0.9, multi_label=False,
+              synchronized_bn=False):
     """Return an uncompiled keras.Model taking RGB images of input_shape with values in 0..255
     and giving one probability per class."""
     def batch_norm():
-        return layers.BatchNormalization(momentum=bn_momentum)
+        return layers.BatchNormalization(momentum=bn_momentum, synchronized=synchronized_bn)
 
     inputs = keras.Input(shape=input_shape, name="image")
     # Scaling lives in the model so that every caller, exported models included, feeds raw pixels.

@@ -49,3 +49,10 @@ def test_model_scales_raw_pixels_itself():
     model = vgg.build_vgg((32, 32, 3), 3)
     rescale = layers_of(model, keras.layers.Rescaling)
     assert len(rescale) == 1 and np.isclose(rescale[0].scale, 1 / 255)
+
+
+def test_batch_norm_can_take_its_statistics_over_all_replicas():
+    plain = layers_of(vgg.build_vgg((32, 32, 3), 3), keras.layers.BatchNormalization)
+    synchronized = layers_of(vgg.build_vgg((32, 32, 3), 3, synchronized_bn=True),
+                             keras.layers.BatchNormalization)
+    assert not any(b.synchronized for b in plain) and all(b.synchronized for b in synchronized)

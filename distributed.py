@@ -1,0 +1,333 @@
+"""Training on several GPUs and on several machines, with TensorFlow's tf.distribute.
+
+One machine with several GPUs trains under MirroredStrategy, through Keras's own fit. Several
+machines train under MultiWorkerMirroredStrategy, which Keras 3's fit cannot drive (it fails
+converting PerReplica values: keras-team/keras#20585). For those, fit() below runs the epochs
+the way Keras's fit does: the same callbacks, through keras.callbacks.CallbackList, get the
+same logs, reduced over all the workers, so every worker takes the same decisions (lowering
+the learning rate, stopping early or on NaN) at the same step.
+
+Every worker runs the same program on its own copy of the data and builds the same global
+batches from the seed; replica r of R decodes and trains on part r of each (shard_part), so
+the global batch, the steps per epoch and the ImageDataGenerator transform of each image are
+those of one process. Gradients are averaged over the whole global batch before every
+update, so the workers keep identical weights. The chief (worker 0) writes the run's files;
+its backup is the run's state, which the others take over when a run resumes. A worker that
+stops makes TensorFlow abort the collective operations of the others (its coordination
+service notices the missing heartbeats), which then stop with WorkerLost.
+"""
+
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import images
+
+log = logging.getLogger("distributed")
+
+STRATEGIES = ("auto", "single", "mirrored", "multi-worker")
+
+
+class WorkerLost(Exception):
+    """Another worker of a multi-worker run stopped or cannot be reached."""
+
+
+def choose_strategy(name, devices, worker_addresses, worker_index):
+    """The tf.distribute strategy for the flags: --strategy (one of STRATEGIES), --devices
+    (comma-separated, for mirrored), --worker-addresses (comma-separated host:port) and
+    --worker-index. auto picks multi-worker when TF_CONFIG or --worker-addresses describe a
+    cluster, mirrored when --devices is given or more than one GPU is visible, else single.
+
+    A multi-worker strategy waits here until every worker has started; it must be created
+    before TensorFlow runs anything else in the process.
+    """
+    cluster = cluster_from_flags(worker_addresses, worker_index)
+    if name == "auto":
+        if cluster or "TF_CONFIG" in os.environ:
+            name = "multi-worker"
+        elif devices or len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "single"
+    if name == "single":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        try:
+            strategy = tf.distribute.MirroredStrategy(devices.split(",") if devices else None)
+        except (ValueError, RuntimeError) as error:
+            raise images.UserError(f"cannot mirror over --devices {devices}: {error}") from None
+        log.info("mirrored over %d devices: %s", strategy.num_replicas_in_sync,
+                 ", ".join(strategy.extended.worker_devices))
+        return strategy
+    if devices:
+        raise images.UserError("--devices is for --strategy mirrored; a multi-worker run uses "
+                               "every GPU a worker sees (limit them with CUDA_VISIBLE_DEVICES)")
+    if not cluster and "TF_CONFIG" not in os.environ:
+        raise images.UserError("a multi-worker run needs TF_CONFIG, or --worker-addresses and "
+                               "--worker-index")
+    try:
+        cluster = cluster or tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        spec = cluster.cluster_spec()
+        log.info("%s %d, one of %d: waiting for all of them to start", cluster.task_type,
+                 cluster.task_id, sum(len(spec.job_tasks(job)) for job in spec.jobs))
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster)
+    except (ValueError, KeyError, TypeError) as error:
+        raise images.UserError(f"cannot use the cluster in TF_CONFIG: {error}") from None
+
+
+def cluster_from_flags(worker_addresses, worker_index):
+    """The cluster --worker-addresses and --worker-index describe, or None without them."""
+    if not worker_addresses:
+        if worker_index is not None:
+            raise images.UserError("--worker-index goes with --worker-addresses")
+        return None
+    if "TF_CONFIG" in os.environ:
+        raise images.UserError("TF_CONFIG is set and so is --worker-addresses: use one of them")
+    addresses = worker_addresses.split(",")
+    if worker_index is None or not 0 <= worker_index < len(addresses):
+        raise images.UserError(f"--worker-index must be this worker's place in "
+                               f"--worker-addresses, 0 to {len(addresses) - 1}")
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=worker_index,
+        rpc_layer="grpc")
+
+
+def is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy):
+    return strategy.extended.should_checkpoint
+
+
+def private_folder(strategy):
+    """A folder for what a worker other than the chief writes (its copy of the model,
+    reports, checkpoints, backup, TensorBoard events), as Keras advises for multi-worker
+    runs: removed when the process ends, so only the chief's files remain."""
+    worker = strategy.cluster_resolver.task_id
+    folder = tempfile.mkdtemp(prefix=f"worker-{worker}-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    log.info("worker %d: the chief writes the run's files; this worker's copies go to %s, "
+             "removed at the end", worker, folder)
+    return folder
+
+
+def model_scope(strategy):
+    """Where to build and compile the model: in the strategy's scope when Keras's fit trains
+    it; outside it for a multi-worker run, whose fit() below trains a copy, so that the model
+    the caller saves and evaluates afterwards belongs to this worker alone (Keras would
+    otherwise run its predict as a collective with the other workers)."""
+    return contextlib.nullcontext() if is_multi_worker(strategy) else strategy.scope()
+
+
+def shard_part(count, shard):
+    """The part of a global batch of count images that shard (index, shards) trains on:
+    contiguous, sizes differing by at most one image."""
+    index, shards = shard
+    return slice(index * count // shards, (index + 1) * count // shards)
+
+
+def fit(strategy, model, training_batches, steps, validation_batches, epochs, first_epoch,
+        class_weight, callbacks, verbose):
+    """Keras's model.fit(training, steps_per_epoch=steps, validation_data=validation,
+    epochs=epochs, class_weight=class_weight, callbacks=callbacks, verbose=verbose) for a
+    MultiWorkerMirroredStrategy, from first_epoch (the chief's, when it resumes).
+
+    training_batches(first_epoch, shard) and validation_batches(shard) give shard's part of
+    each global batch (see shard_part). model is compiled outside the strategy's scope (see
+    model_scope); a copy in the scope trains, and model gets its weights and optimizer state
+    back at the end, also after an interruption. The chief's callbacks restore a backup;
+    every worker then takes the chief's weights, optimizer state, first epoch and
+    ReduceLROnPlateau patience count.
+    """
+    try:
+        with strategy.scope():
+            twin = keras.models.clone_model(model)
+            twin.compile_from_config(model.get_compile_config())
+        model.optimizer.build(model.trainable_variables)
+        copy_state(model, twin)
+        try:
+            _fit(strategy, twin, training_batches, steps, validation_batches, epochs,
+                 first_epoch, class_weight, callbacks, verbose)
+        finally:
+            copy_state(twin, model)
+    except tf.errors.UnavailableError as error:
+        log.debug("%s", error)
+        raise WorkerLost(
+            "lost contact with another worker, so this one stops too. Start all the workers "
+            "again with the same flags: they resume after the last epoch the chief backed "
+            "up") from None
+
+
+def copy_state(source, target):
+    target.set_weights(source.get_weights())
+    for copy, value in zip(target.optimizer.variables, source.optimizer.variables):
+        copy.assign(value)
+
+
+def _fit(strategy, model, training_batches, steps, validation_batches, epochs, first_epoch,
+         class_weight, callbacks, verbose):
+    callbacks = keras.callbacks.CallbackList(callbacks, add_progbar=verbose != 0,
+                                             verbose=verbose, epochs=epochs, steps=steps,
+                                             model=model)
+    validation_steps = int(validation_batches((0, 1)).cardinality())
+    check_agreement(strategy, {"steps per epoch": steps, "validation batches": validation_steps,
+                               "epochs": epochs, "parameters": model.count_params()})
+    model.stop_training = False
+    callbacks.on_train_begin()  # the chief's BackupAndRestore loads its backup
+    state = model.weights + model.optimizer.variables
+    *values, chief_epoch = from_chief(strategy, [v.numpy() for v in state] + [first_epoch])
+    for variable, value in zip(state, values):
+        variable.assign(value)
+    first_epoch = int(chief_epoch)
+    if first_epoch and not is_chief(strategy):
+        log.info("resuming after epoch %d, from the chief's backup", first_epoch)
+    train_step, test_step = step_functions(strategy, model, class_weight)
+    training = iter(distribute(strategy, lambda shard: training_batches(first_epoch, shard)))
+    validation = distribute(strategy, validation_batches)
+    epoch_logs = None
+    for epoch in range(first_epoch, epochs):
+        model.reset_metrics()
+        callbacks.on_epoch_begin(epoch)
+        if epoch == first_epoch:
+            share_plateau_counts(strategy, callbacks)
+        for step in range(steps):
+            callbacks.on_train_batch_begin(step)
+            logs = train_step(training)
+            callbacks.on_train_batch_end(step, logs)
+            if model.stop_training:
+                break
+        epoch_logs = as_floats(model.get_metrics_result())
+        model.reset_metrics()
+        callbacks.on_test_begin()
+        for step, batch in enumerate(validation):
+            callbacks.on_test_batch_begin(step)
+            logs = test_step(batch)
+            callbacks.on_test_batch_end(step, logs)
+        validation_logs = as_floats(model.get_metrics_result())
+        callbacks.on_test_end(validation_logs)
+        epoch_logs.update({f"val_{name}": value for name, value in validation_logs.items()})
+        callbacks.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training:
+            break
+    callbacks.on_train_end(epoch_logs)
+
+
+def step_functions(strategy, model, class_weight):
+    """One training step and one evaluation step, as tf.functions that run on every replica
+    and return the model's metrics over all of them, as fit's logs have them."""
+    per_example_loss = keras.losses.get(model.loss)
+    loss_tracker = next(metric for metric in model.metrics if metric.name == "loss")
+    # Keras's fit turns class weights into a weight per example by the target's class.
+    weights = None if not class_weight else tf.constant(
+        [class_weight.get(index, 1.0) for index in range(max(class_weight) + 1)], tf.float32)
+
+    def train_replica(x, y):
+        sample_weight = None if weights is None else tf.gather(weights, tf.argmax(y, axis=-1))
+        # The last batch of an epoch is smaller, and may split unevenly between replicas:
+        # averaging over the true global batch gives the gradient of one process.
+        context = tf.distribute.get_replica_context()
+        global_batch = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.shape(x)[0])
+        with tf.GradientTape() as tape:
+            predictions = model(x, training=True)
+            losses = per_example_loss(y, predictions)
+            if sample_weight is not None:
+                losses *= sample_weight
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch)
+            scaled = model.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        # Keras sums the replicas' gradients here, across the workers.
+        model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        loss_tracker.update_state(losses)
+        model.compute_metrics(x, y, predictions, sample_weight=sample_weight)
+
+    def test_replica(x, y):
+        predictions = model(x, training=False)
+        loss_tracker.update_state(per_example_loss(y, predictions))
+        model.compute_metrics(x, y, predictions)
+
+    @tf.function
+    def train_step(iterator):
+        strategy.run(train_replica, args=next(iterator))
+        return model.get_metrics_result()  # read outside the replicas: summed over them
+
+    @tf.function
+    def test_step(batch):
+        strategy.run(test_replica, args=batch)
+        return model.get_metrics_result()
+
+    return train_step, test_step
+
+
+def distribute(strategy, make_batches):
+    """A distributed dataset in which replica r gets part r of every global batch:
+    make_batches(shard) gives one part."""
+    def dataset_for_worker(context):
+        replicas = strategy.num_replicas_in_sync
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+        parts = [make_batches((first + replica, replicas)) for replica in range(local)]
+        # This worker's replicas take the parts of each global batch in turn.
+        return tf.data.Dataset.choose_from_datasets(parts, tf.data.Dataset.range(local).repeat())
+
+    return strategy.distribute_datasets_from_function(dataset_for_worker)
+
+
+def from_chief(strategy, values):
+    """values (NumPy arrays) as the chief has them, on every worker."""
+    return sum_over_replicas(strategy, values, chief_only=True)
+
+
+def sum_over_replicas(strategy, values, chief_only=False):
+    """The sums of values (NumPy arrays) over all the replicas, or only the chief's values
+    when chief_only: then all but the chief's first replica add zeros."""
+    @tf.function
+    def reduce(values):
+        def replica():
+            context = tf.distribute.get_replica_context()
+            keep = not chief_only or context.replica_id_in_sync_group == 0
+            # One by one: Keras's optimizer counts its steps in int64, the rest is float32.
+            return [context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                       tf.where(keep, value, tf.zeros_like(value)))
+                    for value in values]
+        return strategy.run(replica)
+
+    sums = reduce([tf.constant(value, dtype=np.asarray(value).dtype) for value in values])
+    return [strategy.experimental_local_results(value)[0].numpy() for value in sums]
+
+
+def check_agreement(strategy, counts):
+    """Stop every worker, not only the odd one, when they would run different numbers of
+    steps: the others would wait for it forever. The replicas' values are all equal exactly
+    when the sum of their squares is the square of their sum over their number, and every
+    worker gets the same sums, hence the same verdict."""
+    mine = np.array(list(counts.values()), np.int64)
+    total, squares = sum_over_replicas(strategy, [mine, mine * mine])
+    replicas = strategy.num_replicas_in_sync
+    if np.any(squares * replicas != total * total):
+        differ = [name for name, value, sum_ in zip(counts, mine, total)
+                  if value * replicas != sum_]
+        raise images.UserError(
+            f"the workers disagree on {'the ' if differ else 'one of: '}"
+            f"{', '.join(differ or counts)}: give every worker the same flags and images")
+
+
+def share_plateau_counts(strategy, callbacks):
+    """ReduceLROnPlateau's patience count, which the chief restored from its backup: every
+    worker must lower the learning rate when the chief does."""
+    for callback in callbacks.callbacks:
+        if isinstance(callback, keras.callbacks.ReduceLROnPlateau):
+            wait, cooldown, best = from_chief(strategy, [np.array(
+                [callback.wait, callback.cooldown_counter, callback.best], np.float64)])[0]
+            callback.wait, callback.cooldown_counter, callback.best = int(wait), int(cooldown), best
+
+
+def as_floats(logs):
+    return {name: float(value) for name, value in logs.items()}
