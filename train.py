@@ -455,9 +455,11 @@ def load_dataset(args):
                     len(skipped), found, os.path.join(args.output, "skipped_files.csv"))
     classes = label_names(loaded["train"][1], args.multi_label)
     if len(classes) < 2:
+        if args.multi_label:
+            raise images.UserError(f"need at least 2 labels in {args.labels_csv or args.dataset}"
+                                   f", found {len(classes)}")
         raise images.UserError(
-            f"need images of at least 2 classes in {args.labels_csv or args.dataset}, found "
-            f"{len(classes)}")
+            f"need images in at least 2 class folders of {args.dataset}, found {len(classes)}")
     for role in ("validation", "test"):
         unknown = (label_names(loaded[role][1], args.multi_label) - classes
                    if role in loaded else set())
