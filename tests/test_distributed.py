@@ -120,8 +120,10 @@ def test_one_step_on_two_workers_or_two_devices_is_one_step_of_one_process(demo_
 
 def test_a_killed_worker_stops_the_other_and_both_resume(demo_dataset, tmp_path):
     addresses = free_addresses(2)
+    # Multi-label, so that the loop also runs with the sigmoid outputs' loss and metric.
     commands = [[sys.executable, os.path.join(ROOT, "train.py"),
-                 *worker_flags(demo_dataset, tmp_path, index, addresses, "--augment", "layers")]
+                 *worker_flags(demo_dataset, tmp_path, index, addresses, "--augment", "layers",
+                               "--multi-label")]
                 for index in range(2)]
     chief, other = start(commands[0]), start(commands[1])
     marker = tmp_path / "out0" / "backup" / "training_metadata.json"
@@ -146,6 +148,8 @@ def test_a_killed_worker_stops_the_other_and_both_resume(demo_dataset, tmp_path)
     assert "resuming after epoch 1, from the chief's backup" in results[1][2]
     assert history_epochs(tmp_path / "out0") == [0, 1]
     assert not (tmp_path / "out0" / "backup").exists()
+    report = json.loads((tmp_path / "out0" / "classification_report.json").read_text())
+    assert 0 <= report["exact_match_accuracy"] <= 1
 
 
 def test_workers_with_other_settings_stop_together_with_one_clear_error(demo_dataset,
