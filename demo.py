@@ -141,10 +141,17 @@ def _lighting(rng, size):
     return 1.0 + rng.uniform(0.1, 0.5) * (np.cos(angle) * x + np.sin(angle) * y)
 
 
-def make_image(class_name, rng, size=IMAGE_SIZE):
-    """One RGB uint8 image of class_name (colour_kind)."""
+def _plain_background(rng, size):
+    """A grey backdrop, lighter or darker, with a little texture and no colour."""
+    noise = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 2)
+    grey = rng.uniform(70, 220) + noise * rng.uniform(5, 15)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def make_image(class_name, rng, size=IMAGE_SIZE, plain=False):
+    """One RGB uint8 image of class_name (colour_kind), on a grey backdrop when plain."""
     colour_name, kind = class_name.split("_")
-    background = _background(rng, size)
+    background = _plain_background(rng, size) if plain else _background(rng, size)
     mask = _garment_mask(kind, rng, size).astype(np.float32)[..., None] / 255
     colour = _garment_colour(colour_name, rng)
     folds = 1.0 + rng.uniform(0.0, 0.15) * np.sin(
@@ -160,14 +167,14 @@ def make_image(class_name, rng, size=IMAGE_SIZE):
     return image
 
 
-def generate(folder, per_class, seed=0, size=IMAGE_SIZE, classes=CLASSES):
+def generate(folder, per_class, seed=0, size=IMAGE_SIZE, classes=CLASSES, plain=False):
     """Write per_class JPEGs of each class into folder/<class>/; return the files written."""
     written = []
     for class_index, class_name in enumerate(classes):
         os.makedirs(os.path.join(folder, class_name), exist_ok=True)
         for index in range(per_class):
             rng = np.random.default_rng([seed, class_index, index])
-            image = make_image(class_name, rng, size)
+            image = make_image(class_name, rng, size, plain)
             path = os.path.join(folder, class_name, f"{class_name}_{index:04d}.jpg")
             quality = int(rng.integers(70, 96))
             cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
@@ -187,13 +194,16 @@ def main(argv=None):
     parser.add_argument("--per-class", type=int, default=100, help="images per class")
     parser.add_argument("--seed", type=int, default=42, help="the same seed, the same images")
     parser.add_argument("--size", type=int, default=IMAGE_SIZE, help="image side in pixels")
+    parser.add_argument("--plain", action="store_true",
+                        help="grey backdrops instead of coloured, striped or cluttered ones")
     args = parser.parse_args(argv)
     for name in args.classes:
         colour, _, kind = name.partition("_")
         if colour not in _COLORS or kind not in _SHAPES:
             parser.error(f"{name} is not colour_kind with a colour of {', '.join(_COLORS)} "
                          f"and a kind of {', '.join(_SHAPES)}")
-    written = generate(args.folder, args.per_class, args.seed, args.size, args.classes)
+    written = generate(args.folder, args.per_class, args.seed, args.size, args.classes,
+                       args.plain)
     print(f"wrote {len(written)} images into {args.folder}")
     return 0
 
