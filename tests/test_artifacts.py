@@ -30,7 +30,8 @@ def test_labels_round_trip_with_a_json_twin(tmp_path):
     loaded = artifacts.load_labels(str(tmp_path / artifacts.LABELS_FILE))
     assert list(loaded.classes_) == ["a", "b", "c"]
     info = json.loads((tmp_path / artifacts.LABELS_JSON).read_text())
-    assert info == {"classes": ["a", "b", "c"], "image_size": 48, "color_order": "RGB"}
+    assert info == {"classes": ["a", "b", "c"], "image_size": 48, "color_order": "RGB",
+                    "multi_label": False}
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]
 
 
