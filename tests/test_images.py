@@ -57,6 +57,31 @@ def test_reduced_jpeg_decoding_matches_full_decoding(tmp_path):
     assert np.abs(fast - full).mean() < 3
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("size", [(600, 800), (533, 400), (130, 1000), (300, 300), (90, 70)])
+def test_opencv_jpeg_path_gives_pillows_pixels(tmp_path, size, orientation):
+    rng = np.random.default_rng(orientation)
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    photo = np.stack([255 * x, 255 * y, 128 + 100 * np.sin(8 * x * y)], axis=2)
+    photo = np.clip(photo + rng.normal(0, 20, photo.shape), 0, 255).astype(np.uint8)
+    path = str(tmp_path / "photo.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(photo).save(path, exif=exif, quality=90)
+    for min_side in (None, 32, 64):
+        with Image.open(path) as image:
+            reduction = images._jpeg_reduction(*image.size, min_side)
+            by_pillow = images._decode_with_pillow(image, reduction)
+        np.testing.assert_array_equal(images.decode_image(path, min_side=min_side), by_pillow)
+
+
+def test_jpeg_with_bytes_after_its_end_marker_still_decodes(tmp_path):
+    path = write_image(tmp_path / "padded.jpg", np.full((40, 40, 3), 90))
+    with open(path, "ab") as handle:
+        handle.write(b"\0" * 16 + b"camera maker notes")
+    assert images.decode_image(path)[20, 20].tolist() == [90, 90, 90]
+
+
 def test_transparent_pixels_become_white(tmp_path):
     rgba = np.zeros((4, 4, 4), np.uint8)
     path = str(tmp_path / "clear.png")
