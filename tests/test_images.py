@@ -59,7 +59,8 @@ def test_reduced_jpeg_decoding_matches_full_decoding(tmp_path):
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("size", [(600, 800), (533, 400), (130, 1000), (300, 300), (90, 70)])
-def test_opencv_jpeg_path_gives_pillows_pixels(tmp_path, size, orientation):
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_opencv_jpeg_path_gives_pillows_pixels(tmp_path, size, orientation, mode):
     rng = np.random.default_rng(orientation)
     y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
     photo = np.stack([255 * x, 255 * y, 128 + 100 * np.sin(8 * x * y)], axis=2)
@@ -67,7 +68,7 @@ def test_opencv_jpeg_path_gives_pillows_pixels(tmp_path, size, orientation):
     path = str(tmp_path / "photo.jpg")
     exif = Image.Exif()
     exif[0x0112] = orientation
-    Image.fromarray(photo).save(path, exif=exif, quality=90)
+    Image.fromarray(photo).convert(mode).save(path, exif=exif, quality=90)
     for min_side in (None, 32, 64):
         with Image.open(path) as image:
             reduction = images._jpeg_reduction(*image.size, min_side)
