@@ -111,8 +111,7 @@ def _decode_complete_jpeg(file, reduction):
 
     OpenCV pads a truncated JPEG with grey and only warns on stderr; Pillow refuses it, which
     is what a dataset needs, so files without the marker (or that OpenCV cannot decode) go to
-    Pillow.
-    OpenCV applies the EXIF orientation itself, as Pillow's exif_transpose does.
+    Pillow. OpenCV applies the EXIF orientation itself, as Pillow's exif_transpose does.
     """
     file.seek(0)
     data = file.read()
