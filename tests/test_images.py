@@ -1,6 +1,8 @@
 """Finding, decoding and preprocessing: the path shared by training and prediction."""
 
+import _thread
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -123,3 +125,22 @@ def test_load_images_skips_unreadable_files_with_reasons(tmp_path):
     reasons = dict(skipped)
     assert reasons[str(empty)] == "empty file"
     assert str(junk) in reasons
+
+
+def test_ctrl_c_while_loading_stops_without_decoding_the_rest(tmp_path):
+    path = write_image(tmp_path / "a.jpg", np.full((20, 20, 3), 90))
+    stored = []
+
+    def store(position, image):
+        stored.append(position)
+        if len(stored) == 10:
+            _thread.interrupt_main()  # what Ctrl-C does to the main thread
+
+    # A shell that started the tests in the background may ignore SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            images.decode_into([path] * 5000, 8, store, workers=2, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(stored) < 500
