@@ -793,8 +793,7 @@ def train(args, extra_callbacks=()):
         args.run_name, first_epoch = resume
         log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
                  args.run_name, first_epoch)
-    train_batches = training_batches(train_x, train_y, args.batch_size, augmentation,
-                                     args.seed, first_epoch)
+    steps = math.ceil(len(train_x) / args.batch_size)
     test_batches = batches(test_x, test_y, args.batch_size)
     validation_batches = batches(val_x, val_y, args.batch_size) if args.val_dir else test_batches
     class_weight = None
@@ -820,13 +819,13 @@ def train(args, extra_callbacks=()):
             distributed.fit(
                 strategy, model, functools.partial(
                     training_batches, train_x, train_y, args.batch_size, augmentation, args.seed),
-                math.ceil(len(train_x) / args.batch_size),
-                functools.partial(batches, val_x, val_y, args.batch_size), epochs=args.epochs,
-                first_epoch=first_epoch, class_weight=class_weight, callbacks=callbacks,
-                verbose=2)
+                steps, functools.partial(batches, val_x, val_y, args.batch_size),
+                epochs=args.epochs, first_epoch=first_epoch, class_weight=class_weight,
+                callbacks=callbacks, verbose=2)
         else:
             # shuffle=False: the pipeline reshuffles itself each epoch.
-            model.fit(train_batches, steps_per_epoch=math.ceil(len(train_x) / args.batch_size),
+            model.fit(training_batches(train_x, train_y, args.batch_size, augmentation,
+                                       args.seed, first_epoch), steps_per_epoch=steps,
                       validation_data=validation_batches, epochs=args.epochs, shuffle=False,
                       class_weight=class_weight, callbacks=callbacks, verbose=2)
     except KeyboardInterrupt:
