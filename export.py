@@ -8,7 +8,9 @@ The scaling to [0, 1] is the model's first layer, so every exported model takes 
 images.load_image gives: RGB pixels 0..255 as float32, shape (batch, N, N, 3), N being the
 training --image-size, decoded and resized (area interpolation) like images.load_image.
 It returns one probability per class, in the order of the classes in labels.json, which is
-copied beside the exported model.
+copied beside the exported model. An exported model computes in float32, also when training
+ran in mixed precision: the converters refuse mixed bfloat16 or float16 graphs, and the
+runtimes compute in float32 on most machines.
 """
 
 import argparse
@@ -18,12 +20,11 @@ import os
 import shutil
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO chatter; warnings stay
-
+import keras
 import numpy as np
 
-import artifacts
-import images
+from classifier import artifacts, cli
+from classifier.cli import UserError
 
 log = logging.getLogger("export")
 
@@ -40,8 +41,8 @@ def build_parser():
         description="Export a trained model as a SavedModel, TFLite or ONNX model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--format", choices=FORMATS, default="savedmodel")
-    parser.add_argument("--model", default=os.path.join("Output", artifacts.MODEL_FILE))
-    parser.add_argument("--labels", default=os.path.join("Output", artifacts.LABELS_FILE),
+    parser.add_argument("--model", default=os.path.join(artifacts.OUTPUT, artifacts.MODEL_FILE))
+    parser.add_argument("--labels", default=os.path.join(artifacts.OUTPUT, artifacts.LABELS_FILE),
                         help="its labels; labels.json beside it is copied with the export")
     parser.add_argument("--output", default=None,
                         help="where to write; none means Output/export/vgg_savedmodel, "
@@ -57,49 +58,44 @@ def export(args):
     keras_format, default_name, needed = FORMATS[args.format]
     for package in needed:
         if importlib.util.find_spec(package) is None:
-            raise images.UserError(
+            raise UserError(
                 f"--format {args.format} needs the {package} package: "
                 f"pip install -r requirements.txt")
-    model = artifacts.load_model(args.model, args.unsafe_model)
+    model = in_float32(artifacts.load_model(args.model, args.unsafe_model))
     # Keras's ONNX export refuses a model that has never been called since loading.
     model(np.zeros((1, *model.input_shape[1:]), "float32"))
     labels_json = os.path.join(os.path.dirname(args.labels), artifacts.LABELS_JSON)
     if not os.path.isfile(labels_json):
-        raise images.UserError(f"no {labels_json}: export the model of a complete training run")
-    target = args.output or os.path.join("Output", "export", default_name)
+        raise UserError(f"no {labels_json}: export the model of a complete training run")
+    target = args.output or os.path.join(artifacts.OUTPUT, "export", default_name)
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
-    # Written beside the target first, so a failed export never leaves half a model there.
-    partial = os.path.join(folder, ".partial-" + os.path.basename(target))
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        model.export(partial, format=keras_format, verbose=False)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(partial, target)
-    finally:
-        if os.path.isdir(partial):
-            shutil.rmtree(partial, ignore_errors=True)
-        elif os.path.exists(partial):
-            os.remove(partial)
+    with artifacts.atomic_path(target) as temporary:
+        model.export(temporary, format=keras_format, verbose=False)
     shutil.copyfile(labels_json, os.path.join(folder, artifacts.LABELS_JSON))
     return target
 
 
+def in_float32(model):
+    """model, every layer computing in float32 (the weights of mixed precision are float32
+    already)."""
+    def float32_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    twin = keras.models.clone_model(model, clone_function=float32_layer)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        target = export(args)
-    except images.UserError as error:
-        log.error("%s", error)
-        return 2
-    except OSError as error:
-        log.error("cannot write %s: %s", error.filename or args.output, error.strerror or error)
-        return 2
-    print(f"exported: {target}")
-    return 0
+    cli.setup_logging(args.verbose)
+
+    def run():
+        print(f"exported: {export(args)}")
+        return 0
+
+    return cli.run(run, log, where=args.output or "the export")
 
 
 if __name__ == "__main__":

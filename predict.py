@@ -21,15 +21,13 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO chatter; warnings stay
-
 import cv2
 import imutils
 import numpy as np
 from tqdm import tqdm
 
-import artifacts
-import images
+from classifier import artifacts, cli, images
+from classifier.cli import UserError
 
 log = logging.getLogger("predict")
 
@@ -44,9 +42,9 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, metavar="PATH",
                         help="image files, folders of images, or glob patterns ('**' recurses)")
-    parser.add_argument("--model", default=os.path.join("Output", artifacts.MODEL_FILE))
-    parser.add_argument("--labels", default=os.path.join("Output", artifacts.LABELS_FILE))
-    parser.add_argument("--output", default=os.path.join("Output", "predictions"),
+    parser.add_argument("--model", default=os.path.join(artifacts.OUTPUT, artifacts.MODEL_FILE))
+    parser.add_argument("--labels", default=os.path.join(artifacts.OUTPUT, artifacts.LABELS_FILE))
+    parser.add_argument("--output", default=os.path.join(artifacts.OUTPUT, "predictions"),
                         help="folder for the annotated copies")
     parser.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
                         help="write an annotated copy of each image into --output")
@@ -188,78 +186,95 @@ def output_name(path, taken):
     return name
 
 
-def predict(args):
-    """Predict every input; return the number of inputs that failed."""
+def load_trained(args):
+    """The model and its class names, checked against each other; whether it is multi-label."""
     model = artifacts.load_model(args.model, args.unsafe_model)
     binarizer = artifacts.load_labels(args.labels)
     classes = [str(name) for name in binarizer.classes_]
-    multi_label = artifacts.is_multi_label(binarizer)
     if not 0 < args.threshold < 1:
-        raise images.UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
-    image_size = model.input_shape[1]
+        raise UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
     if model.output_shape[-1] != len(classes):
-        raise images.UserError(f"{args.labels} has {len(classes)} classes but {args.model} "
-                               f"predicts {model.output_shape[-1]}: they come from different runs")
+        raise UserError(f"{args.labels} has {len(classes)} classes but {args.model} predicts "
+                        f"{model.output_shape[-1]}: they come from different runs")
     info = artifacts.load_info(args.labels)
     if info and info.get("color_order", images.COLOR_ORDER) != images.COLOR_ORDER:
-        raise images.UserError(f"{args.labels} was written for {info['color_order']} input")
+        raise UserError(f"{args.labels} was written for {info['color_order']} input")
+    return model, classes, artifacts.is_multi_label(binarizer)
 
-    paths, missing = expand_inputs(args.image)
-    results = [{"path": path, "error": "no such file or folder"} for path in missing]
-    # Lines go out as images are labelled, unless the whole table is going to a file.
-    streaming = args.format == "table" and not args.results
-    for result in results:
-        print(table_line(result), file=sys.stderr)
-    os.makedirs(args.output, exist_ok=True)
-    taken, tiles = set(), []
-    top_k = max(1, min(args.top_k, len(classes)))
 
-    def attempt_load(path):
+class Labeller:
+    """Labels batches of image files with the model and draws the pictures: the annotated
+    copies in --output, and the first tiles of the --montage."""
+
+    def __init__(self, args, model, classes, multi_label):
+        self.args, self.model, self.classes, self.multi_label = args, model, classes, multi_label
+        self.image_size = model.input_shape[1]
+        self.top_k = max(1, min(args.top_k, len(classes)))
+        self.montage_size = MONTAGE_COLUMNS * MONTAGE_ROWS if args.montage else 0
+        self.taken, self.tiles = set(), []
+
+    def label(self, paths, pool, streaming):
+        """The result of each path, a dict with "predictions" or "error"; lines go out as
+        images are labelled when streaming, errors always (on stderr)."""
+        results, loaded = [], []
+        for path, pixels, error in pool.map(self.attempt_load, paths):
+            if error:
+                results.append({"path": path, "error": error})
+                print(table_line(results[-1]), file=sys.stderr)
+            else:
+                loaded.append((path, pixels))
+        if not loaded:
+            return results
+        batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
+        drawings = []
+        for (path, _), probabilities in zip(loaded, self.model.predict_on_batch(batch)):
+            predictions = chosen_labels(probabilities, self.classes, self.multi_label,
+                                        self.top_k, self.args.threshold)
+            results.append({"path": path, "predictions": predictions})
+            if streaming:
+                print(table_line(results[-1]))
+            # The blog draws the top class; a multi-label image gets each of its labels.
+            lines = [f"{label} {probability * 100:.2f}%" for label, probability in
+                     (predictions if self.multi_label else predictions[:1])] or ["no label"]
+            want_tile = len(self.tiles) + len(drawings) < self.montage_size
+            if self.args.annotate or want_tile:
+                name = output_name(path, self.taken) if self.args.annotate else None
+                drawings.append(pool.submit(self.draw, path, lines, name, want_tile))
+        for drawing in drawings:
+            cell = drawing.result()  # a write error stops the run here
+            if cell is not None:
+                self.tiles.append(cell)
+        return results
+
+    def attempt_load(self, path):
         try:
-            return path, images.load_image(path, image_size, args.max_pixels), None
+            return path, images.load_image(path, self.image_size, self.args.max_pixels), None
         except images.ImageError as error:
             return path, None, str(error)
 
-    def draw(path, lines, name, want_tile):
+    def draw(self, path, lines, name, want_tile):
         # The full-size picture for the pictures; the model saw load_image's pixels.
-        original = images.decode_image(path, args.max_pixels)
+        original = images.decode_image(path, self.args.max_pixels)
         if name:
-            save_jpeg(os.path.join(args.output, name), annotate(original, lines))
+            save_jpeg(os.path.join(self.args.output, name), annotate(original, lines))
         return tile(original, lines) if want_tile else None
 
-    montage_size = MONTAGE_COLUMNS * MONTAGE_ROWS if args.montage else 0
+
+def predict(args):
+    """Predict every input; return the number of inputs that failed."""
+    labeller = Labeller(args, *load_trained(args))
+    paths, missing = expand_inputs(args.image)
+    results = [{"path": path, "error": "no such file or folder"} for path in missing]
+    for result in results:
+        print(table_line(result), file=sys.stderr)
+    # Lines go out as images are labelled, unless the whole table is going to a file.
+    streaming = args.format == "table" and not args.results
+    os.makedirs(args.output, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.workers) as pool, \
             tqdm(total=len(paths), desc="predicting", unit="img", file=sys.stderr,
                  disable=len(paths) <= args.batch_size or None) as bar:
         for start in range(0, len(paths), args.batch_size):
-            loaded = []
-            for path, pixels, error in pool.map(attempt_load,
-                                                paths[start:start + args.batch_size]):
-                if error:
-                    results.append({"path": path, "error": error})
-                    print(table_line(results[-1]), file=sys.stderr)
-                else:
-                    loaded.append((path, pixels))
-            drawings = []
-            if loaded:
-                batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
-                for (path, _), probabilities in zip(loaded, model.predict_on_batch(batch)):
-                    predictions = chosen_labels(probabilities, classes, multi_label, top_k,
-                                                args.threshold)
-                    results.append({"path": path, "predictions": predictions})
-                    if streaming:
-                        print(table_line(results[-1]))
-                    # The blog draws the top class; a multi-label image gets each of its labels.
-                    lines = [f"{label} {probability * 100:.2f}%" for label, probability in
-                             (predictions if multi_label else predictions[:1])] or ["no label"]
-                    want_tile = len(tiles) + len(drawings) < montage_size
-                    if args.annotate or want_tile:
-                        name = output_name(path, taken) if args.annotate else None
-                        drawings.append(pool.submit(draw, path, lines, name, want_tile))
-            for drawing in drawings:
-                cell = drawing.result()  # a write error stops the run here
-                if cell is not None:
-                    tiles.append(cell)
+            results += labeller.label(paths[start:start + args.batch_size], pool, streaming)
             bar.update(min(args.batch_size, len(paths) - start))
     if args.results:
         with artifacts.atomic_path(args.results) as temporary:
@@ -267,24 +282,15 @@ def predict(args):
                 handle.write(format_results(results, args.format))
     elif not streaming:
         sys.stdout.write(format_results(results, args.format))
-    if tiles:
-        save_montage(args.montage, tiles)
+    if labeller.tiles:
+        save_montage(args.montage, labeller.tiles)
     return sum("error" in result for result in results)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        failures = predict(args)
-    except images.UserError as error:
-        log.error("%s", error)
-        return 2
-    except OSError as error:
-        log.error("cannot write %s: %s", error.filename or args.output, error.strerror or error)
-        return 2
-    return 1 if failures else 0
+    cli.setup_logging(args.verbose)
+    return cli.run(lambda: 1 if predict(args) else 0, log, where=args.output)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def peak_memory_mb():
 
 
 def class_images(dataset):
-    import images
+    from classifier import images
     return [path for path in images.list_images(dataset) if images.label_of(path, dataset)]
 
 
@@ -123,10 +123,8 @@ def run_blog(config):
     from sklearn.model_selection import train_test_split
     from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-    import artifacts
-    import images
-    import train
     import vgg
+    from classifier import artifacts, images, settings
 
     paths = class_images(config["dataset"])
     size = config["image_size"]
@@ -149,7 +147,7 @@ def run_blog(config):
     _, targets = artifacts.fit_binarizer(np.array(labels))
     train_x, test_x, train_y, test_y = train_test_split(data, targets, test_size=0.15,
                                                         random_state=42)
-    defaults = train.parse_args([])
+    defaults = settings.parse_args([])
     augmentation = ImageDataGenerator(
         rotation_range=defaults.rotation_range, width_shift_range=defaults.width_shift_range,
         height_shift_range=defaults.height_shift_range, shear_range=defaults.shear_range,
@@ -183,9 +181,9 @@ def run_blog(config):
 
 
 def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True):
-    import image_cache
     import predict
     import train
+    from classifier import image_cache, settings
 
     paths = class_images(config["dataset"])
     output = os.path.join(config["work"], config["name"])
@@ -193,7 +191,7 @@ def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True)
              os.path.join(output, "logs"), "--epochs", str(config["epochs"]),
              "--image-size", str(config["image_size"]), "--batch-size",
              str(config["batch_size"]), "--keep-checkpoints", "1", *extra_flags]
-    args = train.parse_args(flags)
+    args = settings.parse_args(flags)
     result = {"images": len(paths)}
     if measure_loading:
         for kind in ("cold", "warm"):
@@ -210,12 +208,10 @@ def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True)
                 seconds.append(time.perf_counter() - started)
             result[f"load_{kind}_images_per_s"] = len(paths) / statistics.median(seconds)
     timer = make_timer()
-    summary = train.train(args, extra_callbacks=[timer])
-    with open(os.path.join(output, "config.json")) as handle:
-        config_used = json.load(handle)
-    result.update(training_figures(timer, config_used["train_images"], args.batch_size),
-                  test_accuracy=summary["test_accuracy"], data_mode=config_used["data_mode"],
-                  precision=config_used["precision"])
+    summary = train.run(args, extra_callbacks=[timer])
+    result.update(training_figures(timer, summary.training_images, args.batch_size),
+                  test_accuracy=summary.test_accuracy, data_mode=summary.data_mode,
+                  precision=summary.precision)
     if measure_predict:
         result["model_alone_images_per_s"] = model_alone_speed(args)
         folder = os.path.join(config["work"], "predict_input")
@@ -225,7 +221,7 @@ def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True)
                 os.symlink(os.path.abspath(path), os.path.join(folder, f"{index}.jpg"))
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
-            code = predict.main(["--image", folder, "--model", summary["model"], "--labels",
+            code = predict.main(["--image", folder, "--model", summary.model, "--labels",
                                  os.path.join(output, "labels.pickle"), "--output",
                                  os.path.join(output, "predictions")])
         assert code == 0, "predict.py failed"
@@ -285,7 +281,7 @@ def child(name, config):
 
 
 def machine():
-    import train
+    from classifier import hardware
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as handle:
@@ -296,7 +292,7 @@ def machine():
     import tensorflow as tf
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
-    policy = train.choose_precision("auto", train.gpu_capabilities(), train.cpu_flags())
+    policy = hardware.choose_precision("auto", hardware.gpu_capabilities(), hardware.cpu_flags())
     return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "precision": policy,
             "tensorflow": tf.__version__}
 

@@ -21,6 +21,14 @@ def write_image(path, rgb):
     return str(path)
 
 
+def numbered_images(count):
+    """count 8x8 images, image i filled with the value 20 * i, and one-hot targets that say i."""
+    x = np.zeros((count, 8, 8, 3), np.uint8)
+    for index in range(count):
+        x[index] = index * 20
+    return x, np.eye(count, dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     """Eight demo classes, twelve small images each."""

@@ -46,8 +46,8 @@ class SaveState(keras.callbacks.Callback):
             self.save()
 
 
-def build_without_dropout(*args, build=vgg.build_vgg, **kwargs):
-    model = build(*args, **kwargs)
+def build_without_dropout(*args, **kwargs):
+    model = vgg.build_vgg(*args, **kwargs)
     for layer in model.layers:
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0
@@ -65,13 +65,10 @@ def main():
         tf.config.set_logical_device_configuration(
             tf.config.list_physical_devices("CPU")[0],
             [tf.config.LogicalDeviceConfiguration()] * options.logical_cpus)
-    if options.one_step:
-        vgg.build_vgg = build_without_dropout
-        train.choose_precision = lambda *args: "float64"
-    train.setup_logging()
-    train.train(train.parse_args(sys.argv[split + 1:]),
-                extra_callbacks=[SaveState(options.state, options.one_step)])
+    swaps = {"build_model": build_without_dropout, "policy": "float64"} if options.one_step else {}
+    return train.main(sys.argv[split + 1:],
+                      extra_callbacks=[SaveState(options.state, options.one_step)], **swaps)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-import artifacts
-from images import UserError
+from classifier import artifacts
+from classifier.cli import UserError
 
 
 def test_two_classes_get_two_one_hot_columns():

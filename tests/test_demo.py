@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 import demo
-import images
+from classifier import images
 
 
 def digest(folder):

@@ -11,12 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-import artifacts
-import distributed
-import images
 import train
+from classifier import artifacts, distributed
+from classifier.cli import UserError
 from conftest import ROOT, TINY_FLAGS
 
 DRIVER = os.path.join(ROOT, "tests", "distributed_worker.py")
@@ -73,6 +71,7 @@ def history_epochs(output):
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 def test_two_workers_train_the_same_weights_and_the_chief_writes_the_model(demo_dataset,
                                                                           tmp_path):
     addresses = free_addresses(2)
@@ -95,6 +94,7 @@ def test_two_workers_train_the_same_weights_and_the_chief_writes_the_model(demo_
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_step_on_two_workers_or_two_devices_is_one_step_of_one_process(demo_dataset,
                                                                            tmp_path):
     addresses = free_addresses(2)
@@ -118,6 +118,7 @@ def test_one_step_on_two_workers_or_two_devices_is_one_step_of_one_process(demo_
             np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_other_and_both_resume(demo_dataset, tmp_path):
     addresses = free_addresses(2)
     # Multi-label, so that the loop also runs with the sigmoid outputs' loss and metric.
@@ -143,15 +144,17 @@ def test_a_killed_worker_stops_the_other_and_both_resume(demo_dataset, tmp_path)
     results = finish([start(command) for command in commands])
     for code, _, err in results:
         assert code == 0, err[-3000:]
+    chief_out = results[0][1]
     assert backed_up == 1
     assert "after epoch 1" in results[0][2]
     assert "resuming after epoch 1, from the chief's backup" in results[1][2]
     assert history_epochs(tmp_path / "out0") == [0, 1]
     assert not (tmp_path / "out0" / "backup").exists()
     report = json.loads((tmp_path / "out0" / "classification_report.json").read_text())
-    assert 0 <= report["exact_match_accuracy"] <= 1
+    assert f"test exact-match accuracy: {report['exact_match_accuracy']:.2f}" in chief_out
 
 
+@pytest.mark.slow
 def test_workers_with_other_settings_stop_together_with_one_clear_error(demo_dataset,
                                                                         tmp_path):
     addresses = free_addresses(2)
@@ -163,37 +166,6 @@ def test_workers_with_other_settings_stop_together_with_one_clear_error(demo_dat
         assert code == 2, err[-3000:]
         assert "the workers disagree on the epochs" in err and "Traceback" not in err
     assert not (tmp_path / "out0" / "history.csv").exists()
-
-
-def numbered_images(count):
-    x = np.zeros((count, 8, 8, 3), np.uint8)
-    for index in range(count):
-        x[index] = index * 20
-    return x, np.eye(count, dtype="float32")
-
-
-@pytest.mark.parametrize("shards", [2, 3])
-def test_the_parts_of_each_batch_make_the_whole_batch(shards):
-    x, y = numbered_images(13)
-    shift = ImageDataGenerator(width_shift_range=0.3, horizontal_flip=True)
-    whole = list(train.training_batches(x, y, 4, shift, seed=5).take(8))
-    parts = [list(train.training_batches(x, y, 4, shift, seed=5, shard=(index, shards)).take(8))
-             for index in range(shards)]
-    for step, (images_, targets) in enumerate(whole):
-        np.testing.assert_array_equal(
-            np.concatenate([part[step][0] for part in parts]), images_.numpy())
-        np.testing.assert_array_equal(
-            np.concatenate([part[step][1] for part in parts]), targets.numpy())
-    evaluation = [list(train.batches(x, y, 4, shard=(index, shards))) for index in range(shards)]
-    for step, (_, targets) in enumerate(train.batches(x, y, 4)):
-        np.testing.assert_array_equal(
-            np.concatenate([part[step][1] for part in evaluation]), targets.numpy())
-
-
-def test_shards_differ_by_at_most_one_image():
-    sizes = [len(range(13)[distributed.shard_part(13, (index, 4))]) for index in range(4)]
-    assert sizes == [3, 3, 3, 4]
-    assert [len(range(1)[distributed.shard_part(1, (index, 2))]) for index in range(2)] == [0, 1]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -213,5 +185,5 @@ def test_cluster_mistakes_are_one_line_errors(tmp_path, caplog, monkeypatch, fla
 def test_tf_config_and_worker_addresses_together_are_refused(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]},
                                                 "task": {"type": "worker", "index": 0}}))
-    with pytest.raises(images.UserError, match="use one of them"):
+    with pytest.raises(UserError, match="use one of them"):
         distributed.cluster_from_flags("127.0.0.1:1", 0)

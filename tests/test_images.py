@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import images
+from classifier import images
+from classifier.cli import UserError
 from conftest import write_image
 
 
@@ -31,7 +32,7 @@ def test_label_is_the_first_folder_under_the_root(tmp_path):
 
 
 def test_missing_dataset_folder_is_a_user_error(tmp_path):
-    with pytest.raises(images.UserError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         images.list_images(str(tmp_path / "nope"))
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import predict
 import train
+from classifier import callbacks, settings
 from conftest import ROOT, TINY_FLAGS, write_image
 
 
@@ -47,6 +48,7 @@ def history_epochs(work):
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_and_finishes(demo_dataset, tmp_path):
     cmd = command(demo_dataset, tmp_path)
     code, _, _ = start_and_stop_after_an_epoch(cmd, tmp_path, signal.SIGKILL)
@@ -63,6 +65,7 @@ def test_kill_9_then_the_same_command_resumes_and_finishes(demo_dataset, tmp_pat
     assert len(runs) == 1, "the resumed run keeps writing to the same TensorBoard run"
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_what_is_done_exits_130_and_fresh_starts_over(demo_dataset, tmp_path):
     cmd = command(demo_dataset, tmp_path, "--epochs", "30")
     code, out, err = start_and_stop_after_an_epoch(cmd, tmp_path, signal.SIGINT)
@@ -82,13 +85,14 @@ def test_resuming_with_other_settings_is_refused(demo_dataset, tmp_path, caplog)
     args = ["--dataset", demo_dataset, "--output", str(tmp_path / "Output"),
             "--logs", str(tmp_path / "logs"), *TINY_FLAGS]
     os.makedirs(tmp_path / "Output" / "backup")
-    settings = train.resume_settings(train.parse_args(args))
-    json.dump({"settings": dict(settings, lr=0.1), "run_name": "old"},
+    resumed = callbacks.resume_settings(settings.parse_args(args))
+    json.dump({"settings": dict(resumed, lr=0.1), "run_name": "old"},
               open(tmp_path / "Output" / "backup" / "run.json", "w"))
     assert train.main(args) == 2
     assert "other settings (lr)" in caplog.text and "--fresh" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_advice_and_keeps_no_broken_model(demo_dataset, tmp_path,
                                                                 caplog):
     code = train.main(["--dataset", demo_dataset, "--output", str(tmp_path / "Output"),
@@ -114,7 +118,7 @@ def test_an_output_location_that_cannot_be_created_fails_before_training(demo_da
 def test_too_little_disk_space_fails_before_training(demo_dataset, tmp_path, monkeypatch,
                                                      caplog):
     usage = shutil._ntuple_diskusage(total=10**9, used=10**9 - 10**6, free=10**6)
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     code = train.main(["--dataset", demo_dataset, "--output", str(tmp_path / "Output"),
                        "--logs", str(tmp_path / "logs"), *TINY_FLAGS])
     assert code == 2
@@ -122,6 +126,7 @@ def test_too_little_disk_space_fails_before_training(demo_dataset, tmp_path, mon
     assert not (tmp_path / "Output" / "history.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_clear_error(demo_dataset, tmp_path, monkeypatch,
                                                      caplog):
     def disk_full(self, path, *args, **kwargs):
@@ -150,37 +155,3 @@ def test_a_model_with_python_code_is_refused_unless_trusted(trained_run, tmp_pat
     assert "Lambda layer" in caplog.text and "--unsafe-model" in caplog.text
     assert predict.main([*flags, "--unsafe-model"]) == 0
     assert capsys.readouterr().out.count("x.png: ") == 1
-
-
-def test_reduce_lr_on_plateau_resumes_its_patience_count(tmp_path):
-    state = str(tmp_path / "plateau.json")
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.1), loss="mse")
-
-    def callback():
-        plateau = train.ResumableReduceLROnPlateau(state, monitor="val_loss", factor=0.5,
-                                                   patience=2)
-        plateau.set_model(model)
-        plateau.on_train_begin()
-        return plateau
-
-    first = callback()
-    for epoch, val_loss in enumerate([1.0, 1.1]):  # one epoch without improvement
-        first.on_epoch_begin(epoch)
-        first.on_epoch_end(epoch, {"val_loss": val_loss})
-    resumed = callback()  # a new process: the count starts from the saved state
-    resumed.on_epoch_begin(2)
-    resumed.on_epoch_end(2, {"val_loss": 1.2})  # the second: patience 2 is used up
-    assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
-
-
-def test_a_history_line_cut_short_by_a_crash_is_ignored(tmp_path):
-    (tmp_path / "history.csv").write_text(
-        "epoch,loss,val_loss\n0,1.5,1.6\n1,1.2,1.3\n1,1.1,1.2\n2,0.9")
-    history = train.read_history(str(tmp_path))
-    assert history == {"epoch": [0.0, 1.0], "loss": [1.5, 1.1], "val_loss": [1.6, 1.2]}
-
-
-def test_checkpoints_appear_only_when_complete(trained_run):
-    folder = os.path.join(trained_run["output"], "checkpoints")
-    assert os.listdir(folder) and not os.path.exists(os.path.join(folder, ".partial"))

@@ -2,8 +2,10 @@
 
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 import demo
 import main
@@ -34,13 +36,12 @@ def test_unknown_command_prints_usage(capsys):
     assert "python main.py train" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_generates_the_dataset_trains_and_predicts_held_back_images(tmp_path,
                                                                           monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(main, "DEMO_PER_CLASS", 6)
-    monkeypatch.setattr(main, "DEMO_TRAIN_FLAGS", ["--image-size", "32", "--epochs", "1",
-                                                   "--batch-size", "16"])
-    assert main.main([]) == 0
+    assert main.main([], per_class=6,
+                     train_flags=["--image-size", "32", "--epochs", "1", "--batch-size", "16"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"test accuracy: \d\.\d\d", lines[-1])
     assert sorted(os.listdir(tmp_path / "Dataset")) == sorted([".demo-dataset", *demo.CLASSES])
@@ -57,12 +58,11 @@ def test_demo_trains_a_users_own_dataset_with_the_default_settings(tmp_path, mon
         write_image(tmp_path / "Dataset" / name / "a.png", np.zeros((8, 8, 3)))
     seen = {}
 
-    def fake_train(args):
+    def fake_training(args):
         seen["args"] = args
-        return {"model": "m", "output": "Output", "logs": "logs/run", "epochs": 1,
-                "seconds": 1.0, "test_accuracy": 0.5, "interrupted": False}
+        return SimpleNamespace(model="m", output="Output", tensorboard_run="logs/run",
+                               epochs_run=1, seconds=1.0, test_accuracy=0.5, interrupted=False)
 
-    monkeypatch.setattr(main.train, "train", fake_train)
-    assert main.main([]) == 0
+    assert main.main([], run_training=fake_training) == 0
     assert sorted(os.listdir(tmp_path / "Dataset")) == ["cats", "dogs"]
     assert seen["args"].image_size == 64 and seen["args"].epochs == 100

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import images
 import predict
 import train
+from classifier import images
 from conftest import TINY_FLAGS
 from messy import bad_files, ignored_files, odd_files, write_all
 
@@ -50,6 +50,7 @@ def test_symbolic_link_loops_do_not_hang_the_listing(tmp_path):
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_training_on_a_messy_folder_uses_every_decodable_image(tmp_path, demo_dataset, caplog):
     dataset = tmp_path / "data"
     for class_name in ("black_dress", "red_shoes"):

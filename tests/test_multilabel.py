@@ -9,12 +9,10 @@ import pickle
 import numpy as np
 import pytest
 
-import artifacts
 import demo
-import images
 import predict
-import reports
 import train
+from classifier import artifacts, callbacks, dataset, images, reports
 from conftest import TINY_FLAGS
 
 LABELS = ["black", "blue", "dress", "green", "pants", "red", "shoes", "white"]
@@ -37,6 +35,7 @@ def model_probabilities(run, path):
     return model.predict(pixels, verbose=0)[0]
 
 
+@pytest.mark.slow
 def test_folder_names_are_split_into_labels(multi_label_run):
     output = multi_label_run["output"]
     binarizer = artifacts.load_labels(os.path.join(output, artifacts.LABELS_FILE))
@@ -46,29 +45,35 @@ def test_folder_names_are_split_into_labels(multi_label_run):
     assert info["multi_label"] is True and info["classes"] == LABELS
 
 
+@pytest.mark.slow
 def test_outputs_are_independent_sigmoids_trained_with_binary_cross_entropy(multi_label_run):
     model = artifacts.load_model(os.path.join(multi_label_run["output"], artifacts.MODEL_FILE))
     assert model.get_layer("probabilities").get_config()["activation"] == "sigmoid"
     assert model.loss == "binary_crossentropy"
-    history = train.read_history(multi_label_run["output"])
+    history = callbacks.read_history(multi_label_run["output"])
     assert len(history["binary_accuracy"]) == 2 and "val_binary_accuracy" in history
 
 
+@pytest.mark.slow
 def test_report_scores_each_label_and_the_exact_match_accuracy(multi_label_run):
     output = multi_label_run["output"]
     scores = json.load(open(os.path.join(output, reports.REPORT_JSON)))
     config = json.load(open(os.path.join(output, "config.json")))
     # Every test image has one colour and one kind: two labels each.
     assert sum(scores[name]["support"] for name in LABELS) == 2 * config["test_images"]
-    assert 0 <= scores["exact_match_accuracy"] <= 1
+    # The share of test images with every label right: a whole number of images.
+    right = scores["exact_match_accuracy"] * config["test_images"]
+    assert right == pytest.approx(round(right))
     text = open(os.path.join(output, reports.REPORT_TEXT)).read()
-    assert "exact-match accuracy (every label right)" in text
+    assert (f"exact-match accuracy (every label right): {scores['exact_match_accuracy']:.4f}"
+            in text)
     page = open(os.path.join(output, reports.HTML)).read()
     assert "exact-match accuracy" in page
     for name in (reports.CONFUSION_MATRIX, reports.MISTAKES, reports.OVERVIEW):
         assert os.path.getsize(os.path.join(output, name)) > 0
 
 
+@pytest.mark.slow
 def test_predict_reports_every_label_at_or_above_the_threshold(multi_label_run, capsys,
                                                                 tmp_path):
     run = multi_label_run
@@ -90,6 +95,7 @@ def test_predict_reports_every_label_at_or_above_the_threshold(multi_label_run, 
     assert os.path.exists(tmp_path / "blue_pants_0001.jpg")
 
 
+@pytest.mark.slow
 def test_predict_says_no_label_when_none_reaches_the_threshold(multi_label_run, capsys,
                                                                tmp_path):
     run = multi_label_run
@@ -126,6 +132,7 @@ def write_flat_images(folder, names):
     return rows
 
 
+@pytest.mark.slow
 def test_labels_come_from_a_csv_file(tmp_path):
     dataset = tmp_path / "data"
     rows = write_flat_images(dataset, ["red_dress", "blue_shoes", "green_pants"])
@@ -158,10 +165,10 @@ def test_a_malformed_labels_csv_is_one_clear_error(tmp_path, caplog):
 def test_labels_csv_rows_and_folder_names_split_into_sorted_label_tuples(tmp_path):
     labels_csv = tmp_path / "labels.csv"
     labels_csv.write_text("path,labels\nx/a.jpg, red ; dress \nb.png,\n")
-    rows = train.read_labels_csv(str(labels_csv), "/data", ";")
+    rows = dataset.read_labels_csv(str(labels_csv), "/data", ";")
     assert rows == {"/data/x/a.jpg": ("dress", "red"), "/data/b.png": ()}
-    assert train.split_label("black_dress", "_") == ("black", "dress")
-    assert train.split_label("t-shirt", "_") == ("t-shirt",)
+    assert dataset.split_label("black_dress", "_") == ("black", "dress")
+    assert dataset.split_label("t-shirt", "_") == ("t-shirt",)
 
 
 def test_class_weights_are_refused_with_multi_label(tmp_path, caplog):

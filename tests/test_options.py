@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 import demo
-import images
 import train
+from classifier import callbacks, images, settings
 from conftest import TINY_FLAGS
 
 
@@ -17,12 +17,12 @@ def test_config_file_sets_flags_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"epochs": 7, "batch_size": 16, "horizontal_flip": False,
                                   "data-mode": "stream", "lr": 0.001, "fresh": True}))
-    args = train.parse_args(["--config", str(config), "--epochs", "3"])
+    args = settings.parse_args(["--config", str(config), "--epochs", "3"])
     assert (args.epochs, args.batch_size, args.lr) == (3, 16, 0.001)
     assert args.horizontal_flip is False and args.data_mode == "stream" and args.fresh
     yaml_config = tmp_path / "run.yaml"
     yaml_config.write_text("epochs: 5\nimage_size: 32\naugment: layers\n")
-    args = train.parse_args(["--config", str(yaml_config)])
+    args = settings.parse_args(["--config", str(yaml_config)])
     assert (args.epochs, args.image_size, args.augment) == (5, 32, "layers")
 
 
@@ -42,7 +42,7 @@ def test_config_values_are_checked_like_flags(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text('{"augment": "sideways"}')
     with pytest.raises(SystemExit) as stopped:
-        train.parse_args(["--config", str(config)])
+        settings.parse_args(["--config", str(config)])
     assert stopped.value.code == 2
     assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
@@ -63,6 +63,7 @@ def pre_split(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_pre_split_folders_are_used_as_given_with_balanced_weights(pre_split, tmp_path):
     output = tmp_path / "Output"
     code = train.main(["--dataset", str(pre_split / "train"), "--val-dir",
@@ -93,6 +94,7 @@ def test_a_test_folder_with_an_unknown_class_is_refused(pre_split, tmp_path, cap
     assert "has classes that" in caplog.text and "purple_hat" in caplog.text
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_val_loss_stalls(demo_dataset, tmp_path):
     output = tmp_path / "Output"
     flags = list(TINY_FLAGS)
@@ -108,11 +110,9 @@ def test_early_stopping_stops_when_val_loss_stalls(demo_dataset, tmp_path):
 
 
 def test_early_stopping_is_off_by_default():
-    args = train.parse_args([])
-    assert args.early_stopping == 0
-    names = [type(callback).__name__ for callback in train.build_callbacks(args, False)]
-    assert "EarlyStopping" not in names
-    args = train.parse_args(["--early-stopping", "4"])
-    stopper = next(callback for callback in train.build_callbacks(args, False)
-                   if type(callback).__name__ == "EarlyStopping")
+    assert settings.parse_args([]).early_stopping == 0
+    assert callbacks.early_stopping(0) == []
+    (stopper,) = callbacks.early_stopping(settings.parse_args(["--early-stopping", "4"])
+                                          .early_stopping)
+    assert type(stopper).__name__ == "EarlyStopping"
     assert stopper.patience == 4 and stopper.restore_best_weights

@@ -9,8 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-import images
-import reports
+from classifier import images, reports
 
 
 def test_every_report_file_is_written(trained_run):
@@ -25,7 +24,9 @@ def test_json_report_scores_every_class_on_the_test_split(trained_run):
     scores = json.load(open(os.path.join(output, reports.REPORT_JSON)))
     config = json.load(open(os.path.join(output, "config.json")))
     assert sum(scores[name]["support"] for name in config["classes"]) == config["test_images"]
-    assert 0 <= scores["accuracy"] <= 1
+    # Accuracy is the share of right answers: each class's recall times its support, summed.
+    right = sum(scores[name]["recall"] * scores[name]["support"] for name in config["classes"])
+    assert scores["accuracy"] == pytest.approx(right / config["test_images"])
     assert {"precision", "recall", "f1-score"} <= set(scores["macro avg"])
 
 

@@ -51,6 +51,7 @@ def tensorboard_server(trained_run):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_scalars_for_train_and_validation_are_served(trained_run, tensorboard_server):
     base, tags = tensorboard_server
     run = trained_run["run"]

@@ -18,16 +18,12 @@ import os
 import uuid
 
 import numpy as np
-from tqdm import tqdm
 
-import artifacts
-import images
+from classifier import artifacts, images
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-# Files decoded per round of the thread pool: bounds the memory held by pending results.
-CHUNK = 512
 
 
 class ImageRows:

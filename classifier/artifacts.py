@@ -7,21 +7,26 @@ with an unpickler that only admits the classes a binarizer is made of. labels.js
 same in plain JSON, with what predict needs to preprocess exactly as training did (image
 size, colour order) and whether the model is multi-label. Models are loaded in Keras's safe
 mode, which refuses to run the Python code a Lambda layer may carry.
+
+Everything a run or an export writes goes through atomic_path, files and folders alike.
 """
 
 import io
 import json
 import os
 import pickle
-import tempfile
+import shutil
+import uuid
 from contextlib import contextmanager
 
 import keras
 import numpy as np
 from sklearn.preprocessing import LabelBinarizer, MultiLabelBinarizer
 
-from images import COLOR_ORDER, UserError
+from classifier.cli import UserError
+from classifier.images import COLOR_ORDER
 
+OUTPUT = "Output"
 MODEL_FILE = "vgg_model.keras"
 LABELS_FILE = "labels.pickle"
 LABELS_JSON = "labels.json"
@@ -38,19 +43,28 @@ _ALLOWED_PICKLE_GLOBALS = {
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary name beside path; rename it to path only when the block completes,
-    so that an interrupted run never leaves a truncated file for a later run to load."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(descriptor)
+    """Yield a free temporary name beside path, for a file or a folder to be written under;
+    when the block completes, what was written takes path's place by renaming, so that an
+    interrupted run never leaves a half-written file or folder for a later one to load.
+    When the block writes nothing, path stays as it was."""
+    folder, name = os.path.split(os.path.abspath(path))
+    # The suffix stays: Keras and the exporters choose the format by it.
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}{os.path.splitext(name)[1]}")
     try:
         yield temporary
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+        if os.path.isdir(temporary) and os.path.isdir(path):
+            # A folder cannot replace a folder in one rename: move the old one aside first.
+            previous = temporary + ".old"
+            os.replace(path, previous)
+            os.replace(temporary, path)
+            shutil.rmtree(previous)
+        elif os.path.lexists(temporary):
+            os.replace(temporary, path)
+    finally:
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif os.path.lexists(temporary):
             os.unlink(temporary)
-        raise
 
 
 def write_json(path, value):
@@ -79,6 +93,14 @@ def one_hot(binarizer, labels):
 
 def is_multi_label(binarizer):
     return isinstance(binarizer, MultiLabelBinarizer)
+
+
+def save_model(model, output_dir):
+    """The final model, as the blog saves it, in Keras's own format; returns its path."""
+    path = os.path.join(output_dir, MODEL_FILE)
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+    return path
 
 
 def save_labels(binarizer, output_dir, image_size):

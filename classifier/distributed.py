@@ -1,14 +1,15 @@
 """Training on several GPUs and on several machines, with TensorFlow's tf.distribute.
 
-One machine with several GPUs trains under MirroredStrategy, through Keras's own fit. Several
-machines train under MultiWorkerMirroredStrategy, which Keras 3's fit cannot drive (it fails
-converting PerReplica values: keras-team/keras#20585). For those, fit() below runs the epochs
-the way Keras's fit does: the same callbacks, through keras.callbacks.CallbackList, get the
+fit() below is Keras's model.fit on one device, and on one machine with several GPUs, which
+train under MirroredStrategy. Several machines train under MultiWorkerMirroredStrategy, which
+Keras 3's fit cannot drive (it fails converting PerReplica values: keras-team/keras#20585).
+For those, fit() runs the epochs the way Keras's fit does: the same callbacks, through keras.callbacks.CallbackList, get the
 same logs, reduced over all the workers, so every worker takes the same decisions (lowering
 the learning rate, stopping early or on NaN) at the same step.
 
 Every worker runs the same program on its own copy of the data and builds the same global
-batches from the seed; replica r of R decodes and trains on part r of each (shard_part), so
+batches from the seed; replica r of R decodes and trains on part r of each
+(pipelines.shard_part), so
 the global batch, the steps per epoch and the ImageDataGenerator transform of each image are
 those of one process. Gradients are averaged over the whole global batch before every
 update, so the workers keep identical weights. The chief (worker 0) writes the run's files;
@@ -19,7 +20,9 @@ service notices the missing heartbeats), which then stop with WorkerLost.
 
 import atexit
 import contextlib
+import gc
 import logging
+import multiprocessing.pool
 import os
 import shutil
 import tempfile
@@ -28,16 +31,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import images
+from classifier.cli import UserError, WorkerLost
 
 log = logging.getLogger("distributed")
 
 STRATEGIES = ("auto", "single", "mirrored", "multi-worker")
-
-
-class WorkerLost(Exception):
-    """Another worker of a multi-worker run stopped or cannot be reached."""
-
 
 def choose_strategy(name, devices, worker_addresses, worker_index):
     """The tf.distribute strategy for the flags: --strategy (one of STRATEGIES), --devices
@@ -62,16 +60,16 @@ def choose_strategy(name, devices, worker_addresses, worker_index):
         try:
             strategy = tf.distribute.MirroredStrategy(devices.split(",") if devices else None)
         except (ValueError, RuntimeError) as error:
-            raise images.UserError(f"cannot mirror over --devices {devices}: {error}") from None
+            raise UserError(f"cannot mirror over --devices {devices}: {error}") from None
         log.info("mirrored over %d devices: %s", strategy.num_replicas_in_sync,
                  ", ".join(strategy.extended.worker_devices))
         return strategy
     if devices:
-        raise images.UserError("--devices is for --strategy mirrored; a multi-worker run uses "
-                               "every GPU a worker sees (limit them with CUDA_VISIBLE_DEVICES)")
+        raise UserError("--devices is for --strategy mirrored; a multi-worker run uses "
+                        "every GPU a worker sees (limit them with CUDA_VISIBLE_DEVICES)")
     if not cluster and "TF_CONFIG" not in os.environ:
-        raise images.UserError("a multi-worker run needs TF_CONFIG, or --worker-addresses and "
-                               "--worker-index")
+        raise UserError("a multi-worker run needs TF_CONFIG, or --worker-addresses and "
+                        "--worker-index")
     try:
         cluster = cluster or tf.distribute.cluster_resolver.TFConfigClusterResolver()
         spec = cluster.cluster_spec()
@@ -79,21 +77,21 @@ def choose_strategy(name, devices, worker_addresses, worker_index):
                  cluster.task_id, sum(len(spec.job_tasks(job)) for job in spec.jobs))
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=cluster)
     except (ValueError, KeyError, TypeError) as error:
-        raise images.UserError(f"cannot use the cluster in TF_CONFIG: {error}") from None
+        raise UserError(f"cannot use the cluster in TF_CONFIG: {error}") from None
 
 
 def cluster_from_flags(worker_addresses, worker_index):
     """The cluster --worker-addresses and --worker-index describe, or None without them."""
     if not worker_addresses:
         if worker_index is not None:
-            raise images.UserError("--worker-index goes with --worker-addresses")
+            raise UserError("--worker-index goes with --worker-addresses")
         return None
     if "TF_CONFIG" in os.environ:
-        raise images.UserError("TF_CONFIG is set and so is --worker-addresses: use one of them")
+        raise UserError("TF_CONFIG is set and so is --worker-addresses: use one of them")
     addresses = worker_addresses.split(",")
     if worker_index is None or not 0 <= worker_index < len(addresses):
-        raise images.UserError(f"--worker-index must be this worker's place in "
-                               f"--worker-addresses, 0 to {len(addresses) - 1}")
+        raise UserError(f"--worker-index must be this worker's place in "
+                        f"--worker-addresses, 0 to {len(addresses) - 1}")
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=worker_index,
         rpc_layer="grpc")
@@ -105,6 +103,15 @@ def is_multi_worker(strategy):
 
 def is_chief(strategy):
     return strategy.extended.should_checkpoint
+
+
+def folders(strategy, output, logs):
+    """Where this process writes the run's files and TensorBoard events: output and logs,
+    except on a multi-worker run's workers other than the chief (private_folder)."""
+    if is_chief(strategy):
+        return output, logs
+    private = private_folder(strategy)
+    return private, os.path.join(private, "logs")
 
 
 def private_folder(strategy):
@@ -127,26 +134,26 @@ def model_scope(strategy):
     return contextlib.nullcontext() if is_multi_worker(strategy) else strategy.scope()
 
 
-def shard_part(count, shard):
-    """The part of a global batch of count images that shard (index, shards) trains on:
-    contiguous, sizes differing by at most one image."""
-    index, shards = shard
-    return slice(index * count // shards, (index + 1) * count // shards)
-
-
-def fit(strategy, model, training_batches, steps, validation_batches, epochs, first_epoch,
+def fit(strategy, model, training, steps_per_epoch, validation, epochs, first_epoch,
         class_weight, callbacks, verbose):
-    """Keras's model.fit(training, steps_per_epoch=steps, validation_data=validation,
-    epochs=epochs, class_weight=class_weight, callbacks=callbacks, verbose=verbose) for a
-    MultiWorkerMirroredStrategy, from first_epoch (the chief's, when it resumes).
+    """Keras's model.fit(training batches, steps_per_epoch, validation_data, epochs,
+    class_weight, callbacks, verbose) under any strategy, from first_epoch on (after a resume:
+    the chief's).
 
-    training_batches(first_epoch, shard) and validation_batches(shard) give shard's part of
-    each global batch (see shard_part). model is compiled outside the strategy's scope (see
-    model_scope); a copy in the scope trains, and model gets its weights and optimizer state
-    back at the end, also after an interruption. The chief's callbacks restore a backup;
-    every worker then takes the chief's weights, optimizer state, first epoch and
+    training(first_epoch, shard) and validation(shard) give shard's part of each global batch
+    (pipelines.shard_part; shard (0, 1) is the whole batch). On one machine that is model.fit
+    itself. For a MultiWorkerMirroredStrategy, model is compiled outside the strategy's scope
+    (see model_scope); a copy in the scope trains, and model gets its weights and optimizer
+    state back at the end, also after an interruption. The chief's callbacks restore a
+    backup; every worker then takes the chief's weights, optimizer state, first epoch and
     ReduceLROnPlateau patience count.
     """
+    if not is_multi_worker(strategy):
+        # shuffle=False: the pipeline reshuffles itself each epoch.
+        model.fit(training(first_epoch), steps_per_epoch=steps_per_epoch,
+                  validation_data=validation(), epochs=epochs, shuffle=False,
+                  class_weight=class_weight, callbacks=callbacks, verbose=verbose)
+        return
     try:
         with strategy.scope():
             twin = keras.models.clone_model(model)
@@ -154,8 +161,8 @@ def fit(strategy, model, training_batches, steps, validation_batches, epochs, fi
         model.optimizer.build(model.trainable_variables)
         copy_state(model, twin)
         try:
-            _fit(strategy, twin, training_batches, steps, validation_batches, epochs,
-                 first_epoch, class_weight, callbacks, verbose)
+            _fit(strategy, twin, training, steps_per_epoch, validation, epochs, first_epoch,
+                 class_weight, callbacks, verbose)
         finally:
             copy_state(twin, model)
     except tf.errors.UnavailableError as error:
@@ -164,6 +171,17 @@ def fit(strategy, model, training_batches, steps, validation_batches, epochs, fi
             "lost contact with another worker, so this one stops too. Start all the workers "
             "again with the same flags: they resume after the last epoch the chief backed "
             "up") from None
+    finally:
+        stop_thread_pools()
+
+
+def stop_thread_pools():
+    """TensorFlow runs each eager all-reduce in a multiprocessing ThreadPool, and leaves the
+    pool running when the all-reduce fails (a worker lost, Ctrl-C); at exit, Python would
+    then print a traceback from the pool's __del__. Stop such pools while the process can."""
+    for thing in gc.get_objects():
+        if isinstance(thing, multiprocessing.pool.ThreadPool):
+            thing.terminate()
 
 
 def copy_state(source, target):
@@ -229,29 +247,33 @@ def step_functions(strategy, model, class_weight):
     weights = None if not class_weight else tf.constant(
         [class_weight.get(index, 1.0) for index in range(max(class_weight) + 1)], tf.float32)
 
-    def train_replica(x, y):
-        sample_weight = None if weights is None else tf.gather(weights, tf.argmax(y, axis=-1))
+    def example_weights(y, present):
+        # present is 0 for the stand-in image of a replica that has no part of a short batch
+        # (pipelines._sharded): it must count for nothing.
+        return present if weights is None else present * tf.gather(weights, tf.argmax(y, -1))
+
+    def train_replica(x, y, present):
+        sample_weight = example_weights(y, present)
         # The last batch of an epoch is smaller, and may split unevenly between replicas:
         # averaging over the true global batch gives the gradient of one process.
         context = tf.distribute.get_replica_context()
-        global_batch = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.shape(x)[0])
+        global_batch = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                          tf.cast(tf.reduce_sum(present), tf.int32))
         with tf.GradientTape() as tape:
             predictions = model(x, training=True)
-            losses = per_example_loss(y, predictions)
-            if sample_weight is not None:
-                losses *= sample_weight
+            losses = per_example_loss(y, predictions) * sample_weight
             loss = tf.nn.compute_average_loss(losses, global_batch_size=global_batch)
             scaled = model.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, model.trainable_variables)
         # Keras sums the replicas' gradients here, across the workers.
         model.optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        loss_tracker.update_state(losses)
+        loss_tracker.update_state(losses, sample_weight=present)
         model.compute_metrics(x, y, predictions, sample_weight=sample_weight)
 
-    def test_replica(x, y):
+    def test_replica(x, y, present):
         predictions = model(x, training=False)
-        loss_tracker.update_state(per_example_loss(y, predictions))
-        model.compute_metrics(x, y, predictions)
+        loss_tracker.update_state(per_example_loss(y, predictions), sample_weight=present)
+        model.compute_metrics(x, y, predictions, sample_weight=present)
 
     @tf.function
     def train_step(iterator):
@@ -314,7 +336,7 @@ def check_agreement(strategy, counts):
     if np.any(squares * replicas != total * total):
         differ = [name for name, value, sum_ in zip(counts, mine, total)
                   if value * replicas != sum_]
-        raise images.UserError(
+        raise UserError(
             f"the workers disagree on {'the ' if differ else 'one of: '}"
             f"{', '.join(differ or counts)}: give every worker the same flags and images")
 

@@ -1,4 +1,5 @@
-"""The reports and pictures train.py leaves in Output/, and report.html that links them.
+"""The evaluation on the test split, and the reports and pictures train.py leaves in Output/,
+with report.html that links them.
 
 report.html is one self-contained page: the pictures are files beside it, there is no
 script, no style sheet and no font from elsewhere, so it opens from disk, with no server
@@ -10,6 +11,7 @@ as scikit-learn takes them; for a single-label model, class indices.
 
 import html
 import os
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -19,7 +21,7 @@ import numpy as np
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
                              multilabel_confusion_matrix)
 
-import artifacts
+from classifier import artifacts
 
 REPORT_TEXT = "classification_report.txt"
 REPORT_JSON = "classification_report.json"
@@ -29,6 +31,87 @@ OVERVIEW = "dataset_overview.png"
 MISTAKES = "confident_mistakes.png"
 HTML = "report.html"
 SAMPLES_PER_CLASS = 8
+# Test images shown in confident_mistakes.png.
+MISTAKES_SHOWN = 16
+
+
+@dataclass
+class Evaluation:
+    """The model's answers on the test split: true and predicted (see above), and the
+    probabilities they come from."""
+    true: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray
+    threshold: float
+
+
+@dataclass
+class RunSummary:
+    """What a training run is and did, for report.html and for the programs that run it:
+    made from its settings and splits before it trains (of), completed as it goes."""
+    output: str
+    tensorboard_run: str
+    multi_label: bool
+    threshold: float
+    epochs: int
+    classes: list
+    training_images: int
+    validation_images: int  # None: the test split doubled as validation data
+    test_images: int
+    image_size: int
+    data_mode: str
+    precision: str
+    epochs_run: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    model: str = None
+    test_accuracy: float = None  # exact-match accuracy for a multi-label model
+
+    @classmethod
+    def of(cls, args, output, tensorboard_run, classes, splits, data_mode, precision):
+        return cls(output, tensorboard_run, args.multi_label, args.threshold, args.epochs,
+                   classes, len(splits.train.x),
+                   len(splits.validation.x) if splits.has_validation_folder else None,
+                   len(splits.test.x), args.image_size, data_mode, precision)
+
+    def facts(self):
+        """The table at the top of report.html."""
+        return {
+            ("test exact-match accuracy" if self.multi_label else "test accuracy"):
+                f"{self.test_accuracy:.4f}",
+            "labels": (f"several per image (threshold {self.threshold})" if self.multi_label
+                       else "one per image"),
+            "epochs": f"{self.epochs_run} of {self.epochs}",
+            "classes": len(self.classes), "training images": self.training_images,
+            "validation images": self.validation_images or "the test split",
+            "test images": self.test_images, "image size": f"{self.image_size}x{self.image_size}",
+            "precision": self.precision, "training time": f"{self.seconds:.0f} s",
+            "TensorBoard run": self.tensorboard_run}
+
+
+def evaluate(model, test_batches, test_y, multi_label, threshold):
+    """Evaluation of model on the test split's batches, whose targets are test_y."""
+    probabilities = model.predict(test_batches, verbose=0)
+    if multi_label:  # label indicator rows: what scikit-learn takes as multi-label
+        return Evaluation(test_y.astype(int), (probabilities >= threshold).astype(int),
+                          probabilities, threshold)
+    return Evaluation(test_y.argmax(axis=1), probabilities.argmax(axis=1), probabilities,
+                      threshold)
+
+
+def save_test_reports(evaluation, test_x, classes, output):
+    """The classification report, the confusion matrix and the most confident mistakes;
+    returns the report's text and scores, and the test accuracy (exact-match for a
+    multi-label model)."""
+    true, predicted = evaluation.true, evaluation.predicted
+    text, scores = save_classification_report(true, predicted, classes, output)
+    save_confusion_matrix(true, predicted, classes, output)
+    wrong = confident_mistakes(true, evaluation.probabilities, MISTAKES_SHOWN,
+                               evaluation.threshold)
+    save_confident_mistakes(test_x[wrong], true[wrong], evaluation.probabilities[wrong],
+                            classes, output, evaluation.threshold)
+    accuracy = scores["exact_match_accuracy"] if _indicator_rows(true) else scores["accuracy"]
+    return text, scores, accuracy
 
 
 def save_figure(figure, path):
@@ -38,7 +121,8 @@ def save_figure(figure, path):
     plt.close(figure)
 
 
-def is_multi_label(true):
+def _indicator_rows(true):
+    """Whether true holds a row of 0/1 per image (multi-label), not a class index."""
     return np.ndim(true) == 2
 
 
@@ -48,7 +132,7 @@ def save_classification_report(true, predicted, classes, output):
     options = {"labels": range(len(classes)), "target_names": classes, "zero_division": 0}
     text = classification_report(true, predicted, digits=4, **options)
     scores = classification_report(true, predicted, output_dict=True, **options)
-    if is_multi_label(true):
+    if _indicator_rows(true):
         exact = scores["exact_match_accuracy"] = float(accuracy_score(true, predicted))
         text += f"\nexact-match accuracy (every label right): {exact:.4f}\n"
     with artifacts.atomic_path(os.path.join(output, REPORT_TEXT)) as temporary:
@@ -60,7 +144,7 @@ def save_classification_report(true, predicted, classes, output):
 
 def save_confusion_matrix(true, predicted, classes, output):
     """The blog's confusion matrix; for multi-label, one yes/no matrix per label."""
-    if is_multi_label(true):
+    if _indicator_rows(true):
         save_label_matrices(true, predicted, classes, output)
         return
     figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
@@ -104,6 +188,18 @@ def save_training_plot(history, output):
     save_figure(figure, os.path.join(output, TRAINING_PLOT))
 
 
+def save_overview(classes, train, test, validation, output):
+    """The dataset overview of the splits (each with x, images, and y, one column per
+    class; validation None when the test split doubles as validation data): images per
+    class (per label when multi-label) in each split, and a few training images of each."""
+    counts = {"training": train.y.sum(axis=0), "test": test.y.sum(axis=0)}
+    if validation is not None:
+        counts["validation"] = validation.y.sum(axis=0)
+    samples = {index: train.x[np.flatnonzero(train.y[:, index])[:SAMPLES_PER_CLASS]]
+               for index in range(len(classes))}
+    save_dataset_overview(counts, samples, classes, output)
+
+
 def save_dataset_overview(counts, samples, classes, output):
     """The blog's quick look at the data: images per class and split, then a row of sample
     images per class. counts: {split name: array of images per class}; samples: {class
@@ -137,7 +233,7 @@ def confident_mistakes(true, probabilities, count, threshold=0.5):
     """Indices of the wrongly predicted images, the most confident mistakes first. A
     multi-label image is wrong when any label is; its mistake is as confident as the
     probability of its worst label is far from the truth."""
-    if is_multi_label(true):
+    if _indicator_rows(true):
         wrong = np.flatnonzero(np.any((probabilities >= threshold) != true, axis=1))
         confidence = np.abs(probabilities[wrong] - true[wrong]).max(axis=1)
     else:

@@ -1,0 +1,96 @@
+"""What every script shares: the errors a user can cause and their exit codes, logging, and a
+quiet start for TensorFlow.
+
+A script's main() hands its work to run(), which turns each of these errors into one line
+on stderr and an exit code, never a traceback:
+
+    2    UserError: unusable inputs or settings; OSError: a location that cannot be written
+    3    TrainingDiverged: the loss became NaN or infinite
+    4    WorkerLost: another worker of a multi-machine run stopped
+    130  Ctrl-C
+"""
+
+import glob
+import logging
+import os
+import re
+import sys
+import tempfile
+
+INTERRUPTED = 130
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, no images, missing model): reported in one line."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite, and TerminateOnNaN stopped the run."""
+
+
+class WorkerLost(Exception):
+    """Another worker of a multi-worker run stopped or cannot be reached."""
+
+
+EXIT_CODES = {UserError: 2, TrainingDiverged: 3, WorkerLost: 4}
+
+
+def setup_logging(verbose=False):
+    """Log lines as 'LEVEL name: message'; debug lines, TensorFlow's Python INFO lines (from
+    tf.distribute, mostly) included, only when verbose. Safe to call again once the flags
+    are known."""
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("tensorflow").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def run(work, log, where="the output"):
+    """work()'s exit code; the errors above become one line on log and their exit code.
+    where names what an OSError without a file name could not write."""
+    try:
+        return work()
+    except tuple(EXIT_CODES) as error:
+        log.error("%s", error)
+        return EXIT_CODES[type(error)]
+    except OSError as error:  # a full disk, or a folder that went away mid-run
+        log.error("cannot write %s: %s", error.filename or where, error.strerror or error)
+        return 2
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return INTERRUPTED
+
+
+# TensorFlow's C++ start-up writes to the file descriptor of stderr before it applies its own
+# log level (TF_CPP_MIN_LOG_LEVEL): absl's notice about that, INFO lines, and on a machine
+# without an NVIDIA driver a cuInit error line that only says there is no GPU.
+_ABSL_NOTICE = re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\)")
+_INFO_LINE = re.compile(rb"^I\d{4} ")
+_NO_DRIVER_LINE = re.compile(rb"^E\d{4} .*failed call to cuInit")
+
+
+def start_tensorflow():
+    """Import TensorFlow and list its GPUs with stderr held back, then pass on what it printed
+    there, less the lines it would have hidden itself and, where there is no NVIDIA driver at
+    all, the cuInit line that says so. A beginner reads an E-line as "broken"."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO chatter; warnings stay
+    if "tensorflow" in sys.modules:
+        return
+    hide_info = os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("", "0")
+    no_driver = not glob.glob("/dev/nvidia*")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow as tf
+            tf.config.list_physical_devices("GPU")
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held:
+                if not (_ABSL_NOTICE.match(line) or (hide_info and _INFO_LINE.match(line))
+                        or (no_driver and _NO_DRIVER_LINE.match(line))):
+                    os.write(2, line)

@@ -1,0 +1,225 @@
+"""The dataset: which images there are, their labels, and the splits to train, validate and
+test on.
+
+A class is the first folder under the dataset root (images.label_of); with --multi-label its
+name is split into labels, or the labels come from a CSV file. Images are decoded and resized
+once, through the cache (image_cache) unless --no-cache, and stay uint8: as arrays in memory,
+or as image_cache.ImageRows read from the cache batch by batch.
+"""
+
+import csv
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+
+from classifier import artifacts, image_cache, images
+from classifier.cli import UserError
+
+log = logging.getLogger("dataset")
+
+SKIPPED_FILE = "skipped_files.csv"
+
+
+@dataclass
+class Folder:
+    """The usable images of one dataset folder and their labels: class names, or with
+    --multi-label tuples of label names."""
+    images: object  # a uint8 array, or image_cache.ImageRows
+    labels: object
+
+
+@dataclass
+class Split:
+    """Images (uint8: an array, or image_cache.ImageRows) and their targets, one column per
+    class."""
+    x: object
+    y: np.ndarray
+
+
+@dataclass
+class Splits:
+    train: Split
+    validation: Split  # the test split itself unless --val-dir, as in the blog
+    test: Split
+    has_validation_folder: bool
+
+
+def load_folders(args, output):
+    """The images and labels of --dataset, and of --val-dir and --test-dir when given, each
+    shuffled with the seed: {"train": Folder, "validation": ..., "test": ...}. Files that
+    could not be used are listed in output/skipped_files.csv."""
+    roots = {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir}
+    loaded, skipped, found = {}, [], 0
+    for role, root in roots.items():
+        if root:
+            labels_csv = args.labels_csv if role == "train" else None
+            folder, unusable, listed = load_folder(root, args, labels_csv)
+            loaded[role] = folder
+            skipped += unusable
+            found += listed
+    with artifacts.atomic_path(os.path.join(output, SKIPPED_FILE)) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
+    if skipped:
+        log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
+                    len(skipped), found, os.path.join(output, SKIPPED_FILE))
+    check_classes(loaded, roots, args)
+    return loaded
+
+
+def check_classes(loaded, roots, args):
+    classes = label_names(loaded["train"].labels, args.multi_label)
+    if len(classes) < 2:
+        if args.multi_label:
+            raise UserError(f"need at least 2 labels in {args.labels_csv or args.dataset}, "
+                            f"found {len(classes)}")
+        raise UserError(
+            f"need images in at least 2 class folders of {args.dataset}, found {len(classes)}")
+    for role in ("validation", "test"):
+        unknown = (label_names(loaded[role].labels, args.multi_label) - classes
+                   if role in loaded else set())
+        if unknown:
+            raise UserError(f"{roots[role]} has classes that {args.dataset} has not: "
+                            f"{', '.join(sorted(unknown))}")
+
+
+def label_names(labels, multi_label):
+    """Every class (label) name that labels use."""
+    return {name for names in labels for name in names} if multi_label else set(labels)
+
+
+def load_folder(root, args, labels_csv=None):
+    """(Folder, skipped files, files found) for one folder of class sub-folders, or for the
+    images that labels_csv lists."""
+    missing = []
+    if labels_csv:
+        listed = read_labels_csv(labels_csv, root, args.csv_label_separator)
+        missing = [(path, f"listed in {labels_csv} but not found")
+                   for path in listed if not os.path.isfile(path)]
+        image_paths = sorted(path for path in listed if os.path.isfile(path))
+    else:
+        image_paths = [path for path in images.list_images(root) if images.label_of(path, root)]
+        folders = {entry.name for entry in os.scandir(root)
+                   if entry.is_dir() and not entry.name.startswith(".")}
+        for empty in sorted(folders - {images.label_of(path, root) for path in image_paths}):
+            log.warning("class folder %s holds no images: ignored", os.path.join(root, empty))
+    if not image_paths:
+        where = labels_csv or f"class sub-folders of {root}"
+        raise UserError(f"no images found in {where}")
+    random.Random(args.seed).shuffle(image_paths)
+    log.info("found %d images in %s", len(image_paths), root)
+
+    if args.no_cache:
+        data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
+                                                 workers=args.workers)
+    else:
+        data, kept, skipped = image_cache.load_images(
+            image_paths, args.image_size, args.cache_dir, args.max_pixels,
+            workers=args.workers, name=image_cache.folder_name(root))
+    if labels_csv:
+        labels = [listed[image_paths[i]] for i in kept]
+    elif args.multi_label:
+        labels = [split_label(images.label_of(image_paths[i], root), args.label_separator)
+                  for i in kept]
+    else:
+        labels = np.array([images.label_of(image_paths[i], root) for i in kept])
+    return Folder(data, labels), missing + skipped, len(image_paths) + len(missing)
+
+
+def split_label(folder_name, separator):
+    """black_dress -> ("black", "dress")."""
+    return tuple(sorted({name.strip() for name in folder_name.split(separator) if name.strip()}))
+
+
+def read_labels_csv(path, root, separator):
+    """{image path: tuple of labels} from a CSV file of path,labels rows (a header row of
+    exactly path,labels is skipped); relative image paths are taken from root."""
+    rows = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                if not row or (reader.line_num == 1 and
+                               [cell.strip().lower() for cell in row] == ["path", "labels"]):
+                    continue
+                if len(row) != 2:
+                    raise UserError(f"{path}, line {reader.line_num}: expected 2 columns "
+                                    f"(path,labels), found {len(row)}")
+                image_path = os.path.normpath(os.path.join(root, row[0].strip()))
+                rows[image_path] = split_label(row[1], separator)
+    except OSError as error:
+        raise UserError(f"cannot read the labels file {path}: {error.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path} is not a CSV file of path,labels rows: {error}") from None
+    return rows
+
+
+def size_in_bytes(loaded):
+    """What the uint8 images of every folder would take in memory."""
+    return sum(folder.images.size for folder in loaded.values())
+
+
+def split(loaded, binarizer, targets, args, in_memory):
+    """The training, validation and test splits: the test split is held out of --dataset
+    unless --test-dir gives it, and doubles as validation data unless --val-dir is given.
+    targets are the binarized labels of --dataset; the images end up in memory, or still on
+    disk when not in_memory."""
+    train = loaded["train"]
+    if "test" in loaded:
+        training = Split(take(train.images, slice(None), in_memory), targets)
+        test = own_split(loaded["test"], binarizer, in_memory)
+    else:
+        training, test = split_off_test(train.images, train.labels, targets, args.test_size,
+                                        args.seed, in_memory)
+    if "validation" in loaded:
+        return Splits(training, own_split(loaded["validation"], binarizer, in_memory), test,
+                      True)
+    return Splits(training, test, test, False)
+
+
+def split_off_test(data, labels, targets, test_size, seed, in_memory):
+    """Stratified split into (training, test); falls back to a plain random split when some
+    class is too small."""
+    positions = np.arange(len(labels))
+    # With several labels per image, each combination of labels is a stratum.
+    strata = [str(label) for label in labels]
+    try:
+        train_at, test_at = train_test_split(positions, test_size=test_size,
+                                             random_state=seed, stratify=strata)
+    except ValueError as error:
+        log.warning("cannot stratify the split (%s); splitting at random", error)
+        train_at, test_at = train_test_split(positions, test_size=test_size, random_state=seed)
+    return (Split(take(data, train_at, in_memory), targets[train_at]),
+            Split(take(data, test_at, in_memory), targets[test_at]))
+
+
+def own_split(folder, binarizer, in_memory):
+    """A folder given as its own split: its images and one-hot labels."""
+    return Split(take(folder.images, slice(None), in_memory),
+                 artifacts.one_hot(binarizer, folder.labels))
+
+
+def take(data, positions, in_memory):
+    """The images at positions (an index array, or slice(None) for all: no copy in memory)."""
+    if isinstance(data, np.ndarray):
+        return data[positions]
+    part = data.subset(positions)
+    return part.load() if in_memory else part
+
+
+def class_weights(train_y, classes):
+    """scikit-learn's balanced weights, {class index: weight}: each class's loss weighed by
+    its rarity in the training split."""
+    present = train_y.argmax(axis=1)
+    weights = compute_class_weight("balanced", classes=np.unique(present), y=present)
+    weighed = {int(index): float(weight) for index, weight in zip(np.unique(present), weights)}
+    log.info("class weights: %s", ", ".join(
+        f"{classes[index]} {weight:.2f}" for index, weight in weighed.items()))
+    return weighed

@@ -1,0 +1,236 @@
+"""train.py's settings: its flags, grouped by topic, a --config file of the same settings, the
+checks of their values, and the resolved configuration written beside the model."""
+
+import argparse
+import json
+import os
+import time
+
+import keras
+import yaml
+
+from classifier import artifacts, distributed, hardware, images
+from classifier.cli import UserError
+
+CONFIG_FILE = "config.json"
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Train the small VGG network on a folder of images, one sub-folder per class.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="JSON or YAML file whose keys are flags (epochs, batch_size, ...); "
+                             "flags given on the command line win")
+    for add_group in (_data_flags, _labelling_flags, _model_flags, _augmentation_flags,
+                      _schedule_flags, _checkpoint_flags, _cluster_flags, _output_flags):
+        add_group(parser)
+    return parser
+
+
+def _data_flags(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="Dataset", help="folder with one sub-folder per class")
+    group.add_argument("--val-dir", default=None,
+                       help="validation images, one sub-folder per class; none means the test "
+                            "split doubles as validation data, as in the blog")
+    group.add_argument("--test-dir", default=None,
+                       help="test images, one sub-folder per class; none means --test-size of "
+                            "--dataset is held out")
+    group.add_argument("--test-size", type=float, default=0.15,
+                       help="fraction held out for testing")
+    group.add_argument("--image-size", type=int, default=64, help="images are resized to NxN")
+    group.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+                       help="refuse images whose header claims more pixels than this")
+    group.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="threads for decoding images")
+    group.add_argument("--cache-dir", default=None,
+                       help="where decoded images are kept between runs; none means "
+                            "<output>/cache")
+    group.add_argument("--no-cache", action="store_true",
+                       help="decode every image again instead of using the cache")
+    group.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
+                       help="hold the images in memory, or stream batches from the cache; auto "
+                            f"streams datasets over {hardware.MEMORY_SHARE * 100:.0f}%% of the "
+                            "free memory")
+    group.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                       help="balanced: weigh each class's loss by its rarity in training")
+
+
+def _labelling_flags(parser):
+    group = parser.add_argument_group("multi-label training")
+    group.add_argument("--multi-label", action="store_true",
+                       help="images may carry several labels: each class folder name is split "
+                            "on --label-separator (black_dress: black and dress); one sigmoid "
+                            "output per label, binary cross-entropy")
+    group.add_argument("--label-separator", default="_",
+                       help="splits folder names into labels with --multi-label")
+    group.add_argument("--labels-csv", default=None,
+                       help="take the labels of --dataset from this CSV file of path,labels rows "
+                            "(paths relative to --dataset; labels separated by "
+                            "--csv-label-separator) instead of folder names; implies "
+                            "--multi-label")
+    group.add_argument("--csv-label-separator", default=";",
+                       help="splits the labels column of --labels-csv")
+    group.add_argument("--threshold", type=float, default=0.5,
+                       help="with --multi-label, the test report counts a label as predicted "
+                            "when its probability reaches this")
+
+
+def _model_flags(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--bn-momentum", type=float, default=0.9,
+                       help="BatchNormalization momentum (the blog's Keras default was 0.99)")
+    group.add_argument("--precision", choices=("auto", *hardware.POLICIES), default="auto",
+                       help="float32, or mixed precision with bfloat16/float16 compute; auto "
+                            "picks bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX) and "
+                            "GPUs of compute capability 8+, float16 on 7.x GPUs, float32 "
+                            "otherwise")
+
+
+def _augmentation_flags(parser):
+    group = parser.add_argument_group("augmentation (training split only)")
+    group.add_argument("--augment", choices=("generator", "layers"), default="generator",
+                       help="generator: ImageDataGenerator transforms; layers: the same "
+                            "transforms as Keras preprocessing layers inside tf.data")
+    group.add_argument("--rotation-range", type=float, default=45, help="degrees")
+    group.add_argument("--width-shift-range", type=float, default=0.1, help="fraction of width")
+    group.add_argument("--height-shift-range", type=float, default=0.1,
+                       help="fraction of height")
+    group.add_argument("--shear-range", type=float, default=0.2, help="shear angle, degrees")
+    group.add_argument("--zoom-range", type=float, default=0.2, help="zoom in or out by up to")
+    group.add_argument("--horizontal-flip", action=argparse.BooleanOptionalAction, default=True,
+                       help="mirror images at random")
+
+
+def _schedule_flags(parser):
+    group = parser.add_argument_group("training schedule")
+    group.add_argument("--epochs", type=int, default=100, help="passes over the training split")
+    group.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    group.add_argument("--lr", type=float, default=0.0007, help="Adam learning rate")
+    group.add_argument("--seed", type=int, default=42,
+                       help="seed for shuffle, split and weights")
+    group.add_argument("--lr-factor", type=float, default=0.5,
+                       help="ReduceLROnPlateau: multiply the learning rate by this")
+    group.add_argument("--lr-patience", type=int, default=5,
+                       help="ReduceLROnPlateau: epochs without val_loss improvement")
+    group.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau floor")
+    group.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+                       help="stop after PATIENCE epochs without a better val_loss and keep the "
+                            "best epoch's weights (0: off, as in the blog)")
+
+
+def _checkpoint_flags(parser):
+    group = parser.add_argument_group("checkpoints and resume")
+    group.add_argument("--checkpoint-every", type=int, default=1,
+                       help="write a checkpoint every N epochs")
+    group.add_argument("--checkpoint-best-only", action=argparse.BooleanOptionalAction,
+                       default=True, help="only write a checkpoint when val_loss improves")
+    group.add_argument("--keep-checkpoints", type=int, default=5,
+                       help="keep the newest N checkpoint files (0: keep all)")
+    group.add_argument("--fresh", action="store_true",
+                       help="start afresh instead of resuming an interrupted run")
+
+
+def _cluster_flags(parser):
+    group = parser.add_argument_group("several GPUs and machines (--batch-size is the global "
+                                      "batch, over all of them)")
+    group.add_argument("--strategy", choices=distributed.STRATEGIES, default="auto",
+                       help="single: one device; mirrored: the GPUs of this machine; "
+                            "multi-worker: several machines; auto: multi-worker with TF_CONFIG "
+                            "or --worker-addresses, mirrored with --devices or 2+ GPUs")
+    group.add_argument("--devices", default=None,
+                       help="devices to mirror over, e.g. GPU:0,GPU:1; none means every GPU")
+    group.add_argument("--worker-addresses", default=None, metavar="HOST:PORT,...",
+                       help="every worker's address, the chief first; instead of TF_CONFIG")
+    group.add_argument("--worker-index", type=int, default=None,
+                       help="this worker's place in --worker-addresses (0: the chief)")
+
+
+def _output_flags(parser):
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", default=artifacts.OUTPUT,
+                       help="folder for the model, labels and reports")
+    group.add_argument("--logs", default="logs", help="folder for TensorBoard runs")
+    group.add_argument("--run-name", default=None,
+                       help="TensorBoard run name; none means vgg-<date>-<time>")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def parse_args(argv):
+    """The settings from the command line, over those of its --config file, checked."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        # The file's settings go first, so the command line's own flags override them.
+        args = parser.parse_args(config_flags(read_config_file(args.config), parser, args)
+                                 + list(argv))
+    check(args)
+    if args.run_name is None:
+        args.run_name = time.strftime("vgg-%Y%m%d-%H%M%S")
+    if args.cache_dir is None:
+        args.cache_dir = os.path.join(args.output, "cache")
+    if args.labels_csv:
+        args.multi_label = True
+    return args
+
+
+def check(args):
+    """Refuse, before anything is loaded, settings that cannot work together or at all."""
+    if not 0 < args.test_size < 1:
+        raise UserError(f"--test-size must be between 0 and 1, got {args.test_size}")
+    if args.image_size < 16:
+        raise UserError("--image-size must be at least 16 (the network halves it 4 times)")
+    if args.no_cache and args.data_mode == "stream":
+        raise UserError("--data-mode stream reads batches from the cache: drop --no-cache")
+    if (args.multi_label or args.labels_csv) and args.class_weight != "none":
+        raise UserError("--class-weight weighs one class per image: it cannot be used with "
+                        "--multi-label")
+    if not 0 < args.threshold < 1:
+        raise UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
+
+
+def read_config_file(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.lower().endswith((".yaml", ".yml")):
+                settings = yaml.safe_load(handle)
+            else:
+                settings = json.load(handle)
+    except OSError as error:
+        raise UserError(f"cannot read the config file {path}: {error.strerror}") from None
+    except (ValueError, yaml.YAMLError) as error:
+        raise UserError(f"{path} is not valid JSON or YAML: {error}") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} must hold a mapping of flag names to values")
+    return settings
+
+
+def config_flags(settings, parser, parsed):
+    """Command-line flags that say what the config file says, so that argparse checks the
+    values (types, choices) exactly as it checks flags. parsed names every setting."""
+    known = vars(parsed)
+    flags = []
+    for key, value in settings.items():
+        name = str(key).replace("-", "_")
+        if name not in known or name == "config":
+            raise UserError(f"unknown setting in the config file: {key} (the keys are the "
+                            f"flags without dashes: {', '.join(sorted(known))})")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                flags.append(flag)
+            elif parser.get_default(name):
+                flags.append("--no-" + name.replace("_", "-"))
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def write_config(args, folder, **resolved):
+    """folder/config.json: the resolved configuration, so that a run can be told apart and
+    repeated: the settings, with what the run resolved (folders, run name, classes, split
+    sizes, ...)."""
+    config = dict(vars(args), keras_version=keras.__version__)
+    config.update(resolved)
+    artifacts.write_json(os.path.join(folder, CONFIG_FILE), config)
