@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 
+import classifier  # noqa: F401  first: it starts TensorFlow quietly, before keras does (cli.py)
 import keras
 import numpy as np
 

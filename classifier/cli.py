@@ -67,6 +67,7 @@ def run(work, log, where="the output"):
 _ABSL_NOTICE = re.compile(rb"^WARNING: All log messages before absl::InitializeLog\(\)")
 _INFO_LINE = re.compile(rb"^I\d{4} ")
 _NO_DRIVER_LINE = re.compile(rb"^E\d{4} .*failed call to cuInit")
+_NEW_LINE_OF_LOG = re.compile(rb"^([IWEF]\d{4} |WARNING: )")
 
 
 def start_tensorflow():
@@ -90,7 +91,11 @@ def start_tensorflow():
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
+            hiding = False
             for line in held:
-                if not (_ABSL_NOTICE.match(line) or (hide_info and _INFO_LINE.match(line))
-                        or (no_driver and _NO_DRIVER_LINE.match(line))):
+                if _NEW_LINE_OF_LOG.match(line):  # else it goes on the line before it
+                    hiding = bool(_ABSL_NOTICE.match(line)
+                                  or (hide_info and _INFO_LINE.match(line))
+                                  or (no_driver and _NO_DRIVER_LINE.match(line)))
+                if not hiding:
                     os.write(2, line)

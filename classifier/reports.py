@@ -115,7 +115,8 @@ def save_test_reports(evaluation, test_x, classes, output):
 
 
 def save_figure(figure, path):
-    figure.tight_layout()
+    """Figures are made with layout="constrained", which, unlike tight_layout, leaves room
+    for a figure's title above its rows of titled pictures."""
     with artifacts.atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
     plt.close(figure)
@@ -147,25 +148,36 @@ def save_confusion_matrix(true, predicted, classes, output):
     if _indicator_rows(true):
         save_label_matrices(true, predicted, classes, output)
         return
-    figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
-    ConfusionMatrixDisplay.from_predictions(true, predicted, labels=range(len(classes)),
-                                            display_labels=classes, xticks_rotation=45,
-                                            colorbar=False, ax=axes)
+    figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2),
+                                layout="constrained")
+    readable_counts(ConfusionMatrixDisplay.from_predictions(
+        true, predicted, labels=range(len(classes)), display_labels=classes,
+        xticks_rotation=45, colorbar=False, ax=axes, im_kw={"vmin": 0}))
     axes.set_title("Confusion matrix (test split)")
     save_figure(figure, os.path.join(output, CONFUSION_MATRIX))
+
+
+def readable_counts(display):
+    """Each count in black or white by the brightness of its own cell. scikit-learn picks
+    the colour against the middle of the counts, so when every cell holds the same count,
+    numbers and cells come out in one colour."""
+    for text, count in zip(display.text_.flat, display.confusion_matrix.flat):
+        red, green, blue, _ = display.im_.cmap(display.im_.norm(count))
+        text.set_color("black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white")
 
 
 def save_label_matrices(true, predicted, classes, output):
     columns = min(4, len(classes))
     rows = -(-len(classes) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 3, rows * 3), squeeze=False)
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 3, rows * 3), squeeze=False,
+                                layout="constrained")
     for axes in grid.flat:
         axes.axis("off")
     for axes, name, matrix in zip(grid.flat, classes,
                                   multilabel_confusion_matrix(true, predicted)):
         axes.axis("on")
-        ConfusionMatrixDisplay(matrix, display_labels=["no", "yes"]).plot(ax=axes,
-                                                                          colorbar=False)
+        readable_counts(ConfusionMatrixDisplay(matrix, display_labels=["no", "yes"]).plot(
+            ax=axes, colorbar=False, im_kw={"vmin": 0}))
         axes.set_title(name)
     figure.suptitle("Confusion matrix per label (test split)")
     save_figure(figure, os.path.join(output, CONFUSION_MATRIX))
@@ -176,7 +188,8 @@ def save_training_plot(history, output):
     yes/no label decisions, binary_accuracy, for multi-label models)."""
     epochs = np.arange(1, len(history["loss"]) + 1)
     accuracy = "accuracy" if "accuracy" in history else "binary_accuracy"
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5),
+                                                      layout="constrained")
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, accuracy)):
         axes.plot(epochs, history[metric], label=f"train {metric}")
         axes.plot(epochs, history[f"val_{metric}"], label=f"validation {metric}")
@@ -204,10 +217,13 @@ def save_dataset_overview(counts, samples, classes, output):
     """The blog's quick look at the data: images per class and split, then a row of sample
     images per class. counts: {split name: array of images per class}; samples: {class
     index: list of uint8 RGB images}."""
-    columns = SAMPLES_PER_CLASS
-    figure = plt.figure(figsize=(columns * 1.3 + 1, 3 + 1.3 * len(classes)))
+    columns, side = SAMPLES_PER_CLASS, 1.3  # inches per picture
+    # Rows as tall as the pictures are wide, plus their title: pictures fill their cells.
+    figure = plt.figure(figsize=(columns * side, 3 + (side + 0.25) * len(classes)),
+                        layout="constrained")
+    figure.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.02, hspace=0.02)
     grid = figure.add_gridspec(len(classes) + 1, columns,
-                               height_ratios=[2.2] + [1] * len(classes))
+                               height_ratios=[3] + [side + 0.25] * len(classes))
     bars = figure.add_subplot(grid[0, :])
     positions = np.arange(len(classes))
     width = 0.8 / len(counts)
@@ -217,7 +233,8 @@ def save_dataset_overview(counts, samples, classes, output):
                     ha="right")
     bars.set_ylabel("images")
     bars.set_title("Images per class")
-    bars.legend()
+    bars.margins(y=0.3)  # room above the bars for the legend
+    bars.legend(loc="upper right", ncols=len(counts))
     for row, name in enumerate(classes, start=1):
         for column in range(columns):
             axes = figure.add_subplot(grid[row, column])
@@ -259,8 +276,8 @@ def save_confident_mistakes(pictures, true, probabilities, classes, output, thre
     """A grid of the given test images with their true and predicted classes."""
     columns = 4
     rows = max(1, -(-len(pictures) // columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 2.9),
-                                squeeze=False)
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 3.1 + 0.5),
+                                squeeze=False, layout="constrained")
     for axes in grid.flat:
         axes.axis("off")
     for axes, picture, truth, probability in zip(grid.flat, pictures, true, probabilities):

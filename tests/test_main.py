@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 import demo
 import main
-from conftest import write_image
+from conftest import ROOT, write_image
 from test_predict import LINE
 
 
@@ -66,3 +68,18 @@ def test_demo_trains_a_users_own_dataset_with_the_default_settings(tmp_path, mon
     assert main.main([], run_training=fake_training) == 0
     assert sorted(os.listdir(tmp_path / "Dataset")) == ["cats", "dogs"]
     assert seen["args"].image_size == 64 and seen["args"].epochs == 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, flags, message", [
+    ("main.py", ["fly"], "python main.py train"),
+    ("predict.py", ["--image", "x.jpg", "--model", "none.keras"], "train one first"),
+    ("export.py", ["--model", "none.keras"], "train one first"),
+])
+def test_no_script_starts_with_cuda_lines_on_a_machine_without_a_gpu(tmp_path, script, flags,
+                                                                     message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert "cuInit" not in result.stderr and "cuda drivers" not in result.stderr
+    assert "Traceback" not in result.stderr

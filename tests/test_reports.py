@@ -6,8 +6,10 @@ import re
 import shutil
 import subprocess
 
+import matplotlib.colors
 import numpy as np
 import pytest
+from sklearn.metrics import ConfusionMatrixDisplay
 
 from classifier import images, reports
 
@@ -65,3 +67,19 @@ def test_html_report_renders_in_headless_chromium(trained_run, tmp_path):
     # The figures are drawn in colour; a page whose pictures did not load is black on white.
     colourful = (picture.max(axis=2) - picture.min(axis=2)) > 60
     assert colourful.mean() > 0.01
+
+
+def brightness(colour):
+    red, green, blue = matplotlib.colors.to_rgb(colour)
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
+@pytest.mark.parametrize("matrix", [[[1, 1], [1, 1]], [[5, 0], [2, 9]]])
+@pytest.mark.parametrize("im_kw", [None, {"vmin": 0}])
+def test_every_count_of_the_confusion_matrix_stands_out_from_its_cell(matrix, im_kw):
+    # All cells equal: two classes, one image right and one wrong each.
+    display = ConfusionMatrixDisplay(np.array(matrix)).plot(colorbar=False, im_kw=im_kw)
+    reports.readable_counts(display)
+    for text, count in zip(display.text_.flat, display.confusion_matrix.flat):
+        cell = display.im_.cmap(display.im_.norm(count))
+        assert abs(brightness(text.get_color()) - brightness(cell)) > 0.4, count

@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
@@ -99,3 +100,36 @@ def test_missing_dataset_exits_2_without_a_traceback_or_cuda_lines(tmp_path):
     assert "Traceback" not in result.stderr
     # Without a GPU, TensorFlow's start-up says so in lines a beginner reads as errors.
     assert "cuInit" not in result.stderr and "cuda drivers" not in result.stderr
+
+
+def run_in_a_terminal(command):
+    """What command prints to a (pseudo) terminal, and its exit status."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, its standard streams on the terminal
+        os.execv(command[0], command)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the child closed the terminal: it has ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(terminal)
+    return output.decode(errors="replace"), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.slow
+def test_a_terminal_shows_the_progress_bar_and_a_pipe_one_line_per_epoch(demo_dataset,
+                                                                        tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", demo_dataset,
+               "--logs", str(tmp_path / "logs"), *TINY_FLAGS[:-4], "--epochs", "1"]
+    piped = subprocess.run(command + ["--output", str(tmp_path / "piped")],
+                           capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert re.search(r"^\d+/\d+ - \d+s - ", piped.stdout, re.MULTILINE)  # Keras's epoch line
+    assert "━" not in piped.stdout
+    shown, code = run_in_a_terminal(command + ["--output", str(tmp_path / "terminal")])
+    assert code == 0, shown[-2000:]
+    assert "━" in shown  # Keras's progress bar, drawn as the steps go
