@@ -42,14 +42,11 @@ def build_parser():
         description="Export a trained model as a SavedModel, TFLite or ONNX model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--format", choices=FORMATS, default="savedmodel")
-    parser.add_argument("--model", default=os.path.join(artifacts.OUTPUT, artifacts.MODEL_FILE))
-    parser.add_argument("--labels", default=os.path.join(artifacts.OUTPUT, artifacts.LABELS_FILE),
-                        help="its labels; labels.json beside it is copied with the export")
+    artifacts.add_model_flags(parser)
     parser.add_argument("--output", default=None,
                         help="where to write; none means Output/export/vgg_savedmodel, "
-                             "Output/export/vgg_model.tflite or Output/export/vgg_model.onnx")
-    parser.add_argument("--unsafe-model", action="store_true",
-                        help="allow models whose Lambda layers carry Python code")
+                             "Output/export/vgg_model.tflite or Output/export/vgg_model.onnx; "
+                             "labels.json is copied beside it")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

@@ -42,8 +42,7 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--image", nargs="+", required=True, metavar="PATH",
                         help="image files, folders of images, or glob patterns ('**' recurses)")
-    parser.add_argument("--model", default=os.path.join(artifacts.OUTPUT, artifacts.MODEL_FILE))
-    parser.add_argument("--labels", default=os.path.join(artifacts.OUTPUT, artifacts.LABELS_FILE))
+    artifacts.add_model_flags(parser)
     parser.add_argument("--output", default=os.path.join(artifacts.OUTPUT, "predictions"),
                         help="folder for the annotated copies")
     parser.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
@@ -66,9 +65,6 @@ def build_parser():
                         help="threads for decoding images and writing the annotated copies")
     parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                         help="refuse images whose header claims more pixels than this")
-    parser.add_argument("--unsafe-model", action="store_true",
-                        help="allow models whose Lambda layers carry Python code (only for "
-                             "model files you trust: loading them runs that code)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 

@@ -41,6 +41,17 @@ _ALLOWED_PICKLE_GLOBALS = {
 }
 
 
+def add_model_flags(parser):
+    """The flags of a script that reads a trained model: --model, --labels, --unsafe-model."""
+    parser.add_argument("--model", default=os.path.join(OUTPUT, MODEL_FILE),
+                        help="the trained model")
+    parser.add_argument("--labels", default=os.path.join(OUTPUT, LABELS_FILE),
+                        help=f"its labels; {LABELS_JSON} is read from beside it")
+    parser.add_argument("--unsafe-model", action="store_true",
+                        help="allow models whose Lambda layers carry Python code (only for "
+                             "model files you trust: loading them runs that code)")
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a free temporary name beside path, for a file or a folder to be written under;
