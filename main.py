@@ -67,7 +67,7 @@ def run_demo(per_class=DEMO_PER_CLASS, train_flags=DEMO_TRAIN_FLAGS, run_trainin
     print(f"TensorBoard:    tensorboard --logdir {os.path.dirname(summary.tensorboard_run)}")
     print(f"trained {summary.epochs_run} epochs in {summary.seconds:.0f} s")
     print(f"test accuracy: {summary.test_accuracy:.2f}")
-    return cli.INTERRUPTED if summary.interrupted else 0
+    return summary.interrupted
 
 
 def main(argv=None, **demo_options):

@@ -27,13 +27,15 @@ import numpy as np
 from tqdm import tqdm
 
 from classifier import artifacts, cli, images
-from classifier.cli import UserError
+from classifier.cli import Range, UserError
 
 log = logging.getLogger("predict")
 
 FORMATS = ("table", "csv", "json")
 # The montage shows the first images only: a grid of thousands could not be read anyway.
 MONTAGE_COLUMNS, MONTAGE_ROWS, TILE = 8, 8, 200
+RANGES = {"top_k": Range(1), "threshold": Range(0, 1, low_open=True, high_open=True),
+          "batch_size": Range(1), "workers": Range(1), "max_pixels": Range(1)}
 
 
 def build_parser():
@@ -187,8 +189,6 @@ def load_trained(args):
     model = artifacts.load_model(args.model, args.unsafe_model)
     binarizer = artifacts.load_labels(args.labels)
     classes = [str(name) for name in binarizer.classes_]
-    if not 0 < args.threshold < 1:
-        raise UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
     if model.output_shape[-1] != len(classes):
         raise UserError(f"{args.labels} has {len(classes)} classes but {args.model} predicts "
                         f"{model.output_shape[-1]}: they come from different runs")
@@ -258,6 +258,7 @@ class Labeller:
 
 def predict(args):
     """Predict every input; return the number of inputs that failed."""
+    cli.check_ranges(args, RANGES)
     labeller = Labeller(args, *load_trained(args))
     paths, missing = expand_inputs(args.image)
     results = [{"path": path, "error": "no such file or folder"} for path in missing]

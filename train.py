@@ -106,8 +106,8 @@ def configure_callbacks(args, output, logs, model, extra_callbacks):
 
 def train_model(args, strategy, model, augmentation, splits, class_weight, first_epoch,
                 callback_list):
-    """3. Train: model.fit, whatever the strategy. Returns the seconds it took, and whether
-    Ctrl-C stopped it."""
+    """3. Train: model.fit, whatever the strategy. Returns the seconds it took, and the exit
+    code of what stopped it early (Ctrl-C 130, SIGTERM 143), or 0."""
     training = functools.partial(pipelines.training_batches, splits.train.x, splits.train.y,
                                  args.batch_size, augmentation, args.seed)
     validation = functools.partial(pipelines.batches, splits.validation.x, splits.validation.y,
@@ -119,11 +119,11 @@ def train_model(args, strategy, model, augmentation, splits, class_weight, first
                         validation=validation, epochs=args.epochs, first_epoch=first_epoch,
                         class_weight=class_weight, callbacks=callback_list,
                         verbose=1 if sys.stdout.isatty() else 2)  # a bar, or a line per epoch
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         log.warning("interrupted: saving the model and reports of the epochs done; run the "
                     "same command again to resume from the last completed epoch")
-        return time.perf_counter() - started, True
-    return time.perf_counter() - started, False
+        return time.perf_counter() - started, cli.stop_code(interruption)
+    return time.perf_counter() - started, 0
 
 
 def evaluate_and_save(args, output, model, classes, splits, summary):
@@ -150,41 +150,48 @@ def run(args, extra_callbacks=(), build_model=vgg.build_vgg, policy=None):
     strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
                                            args.worker_index)
     output, logs = distributed.folders(strategy, args.output, args.logs)
-    callbacks.prepare_folders(output, logs)
-    keras.utils.set_random_seed(args.seed)
+    with callbacks.output_lock(output):  # one run per output folder, from before it reads
+        callbacks.prepare_folders(output, logs)
+        keras.utils.set_random_seed(args.seed)
 
-    binarizer, classes, splits, data_mode = load_data(args, output)
+        binarizer, classes, splits, data_mode = load_data(args, output)
 
-    policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
-                                                 hardware.cpu_flags())
-    model, augmentation = configure_model(args, classes, strategy, build_model, policy)
-    callback_list, run_name, first_epoch = configure_callbacks(args, output, logs, model,
-                                                               extra_callbacks)
-    class_weight = (dataset.class_weights(splits.train.y, classes)
-                    if args.class_weight == "balanced" else None)
-    summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes, splits,
-                                    data_mode, policy)
-    log.info("images %s, %s precision", "in memory" if data_mode == "memory"
-             else f"streamed from {args.cache_dir}", policy)
-    # What predict.py needs beside the model, and what this run is, before it trains.
+        policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
+                                                     hardware.cpu_flags())
+        model, augmentation = configure_model(args, classes, strategy, build_model, policy)
+        callback_list, run_name, first_epoch = configure_callbacks(args, output, logs, model,
+                                                                   extra_callbacks)
+        class_weight = (dataset.class_weights(splits.train.y, classes)
+                        if args.class_weight == "balanced" else None)
+        summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes,
+                                        splits, data_mode, policy)
+        record(args, output, logs, run_name, binarizer, splits, summary, class_weight)
+
+        summary.seconds, summary.interrupted = train_model(
+            args, strategy, model, augmentation, splits, class_weight, first_epoch,
+            callback_list)
+        history = callbacks.read_history(output)
+        callbacks.raise_if_diverged(history, output, args.lr)
+        summary.epochs_run = len(history.get("loss", []))
+        log.info("trained %d epochs in %.1f s", summary.epochs_run, summary.seconds)
+
+        evaluate_and_save(args, output, model, classes, splits, summary)
+    return summary
+
+
+def record(args, output, logs, run_name, binarizer, splits, summary, class_weight):
+    """Before training: what predict.py needs beside the model, and what this run is."""
+    log.info("images %s, %s precision", "in memory" if summary.data_mode == "memory"
+             else f"streamed from {args.cache_dir}", summary.precision)
     artifacts.save_labels(binarizer, output, args.image_size)
-    reports.save_overview(classes, splits.train, splits.test,
+    reports.save_overview(summary.classes, splits.train, splits.test,
                           splits.validation if splits.has_validation_folder else None, output)
     settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
-                          classes=classes, train_images=summary.training_images,
-                          test_images=summary.test_images, data_mode=data_mode,
-                          precision=policy, validation_images=len(splits.validation.x),
+                          classes=summary.classes, train_images=summary.training_images,
+                          test_images=summary.test_images, data_mode=summary.data_mode,
+                          precision=summary.precision,
+                          validation_images=len(splits.validation.x),
                           class_weights=class_weight)
-
-    summary.seconds, summary.interrupted = train_model(
-        args, strategy, model, augmentation, splits, class_weight, first_epoch, callback_list)
-    history = callbacks.read_history(output)
-    callbacks.raise_if_diverged(history, output, args.lr)
-    summary.epochs_run = len(history.get("loss", []))
-    log.info("trained %d epochs in %.1f s", summary.epochs_run, summary.seconds)
-
-    evaluate_and_save(args, output, model, classes, splits, summary)
-    return summary
 
 
 def main(argv=None, **run_options):
@@ -202,7 +209,7 @@ def main(argv=None, **run_options):
         print(f"TensorBoard: tensorboard --logdir {os.path.dirname(summary.tensorboard_run) or '.'}")
         print(f"test {'exact-match ' if summary.multi_label else ''}accuracy: "
               f"{summary.test_accuracy:.2f}")
-        return cli.INTERRUPTED if summary.interrupted else 0
+        return summary.interrupted
 
     return cli.run(parse_and_run, log)
 

@@ -7,11 +7,14 @@ epoch; run.json there holds the settings it was started with and its run name, p
 ReduceLROnPlateau's patience count. history.csv (CSVLogger) keeps every epoch's metrics.
 """
 
+import contextlib
 import csv
+import fcntl
 import glob
 import json
 import os
 import shutil
+import time
 
 import keras
 import numpy as np
@@ -23,6 +26,7 @@ CHECKPOINT_PATTERN = "VGG_epoch-{epoch:02d}_loss-{loss:.4f}_val_loss-{val_loss:.
 CHECKPOINTS = "checkpoints"
 HISTORY_FILE = "history.csv"
 BACKUP_DIR = "backup"
+LOCK_FILE = ".lock"
 # Settings that may change between an interrupted run and its resumption.
 NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs", "cache_dir",
                        "no_cache", "data_mode", "config", "early_stopping", "strategy", "devices",
@@ -106,6 +110,31 @@ def early_stopping(patience):
 
 def finite_losses(logs):
     return all(np.isfinite(logs.get(key, 0.0)) for key in ("loss", "val_loss"))
+
+
+@contextlib.contextmanager
+def output_lock(output):
+    """Hold output/.lock, an advisory lock of the operating system, for the block: one run
+    per output folder. A second run stops at once, naming the first. The lock dies with its
+    process (kill -9 included), so a crashed run leaves none behind."""
+    try:
+        os.makedirs(output, exist_ok=True)
+        handle = open(os.path.join(output, LOCK_FILE), "a+", encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot create {output}: {error.strerror}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{output} is in use by another training run ({holder}): wait "
+                            "for it to end, or give this one another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
 
 
 def prepare_folders(output, logs):

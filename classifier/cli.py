@@ -8,16 +8,21 @@ on stderr and an exit code, never a traceback:
     3    TrainingDiverged: the loss became NaN or infinite
     4    WorkerLost: another worker of a multi-machine run stopped
     130  Ctrl-C
+    143  SIGTERM (docker stop, Kubernetes, Slurm, cloud preemption): a stop like Ctrl-C
 """
 
 import glob
 import logging
+import math
 import os
 import re
+import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 
 INTERRUPTED = 130
+TERMINATED = 143
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
@@ -33,7 +38,58 @@ class WorkerLost(Exception):
     """Another worker of a multi-worker run stopped or cannot be reached."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: stop as Ctrl-C stops, wherever the program is."""
+
+
 EXIT_CODES = {UserError: 2, TrainingDiverged: 3, WorkerLost: 4}
+
+
+def stop_code(interruption):
+    """The exit code of a KeyboardInterrupt: 143 for SIGTERM, 130 for Ctrl-C."""
+    return TERMINATED if isinstance(interruption, Terminated) else INTERRUPTED
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting allows: from low to high (None: no bound), each end
+    itself allowed unless open. why, if given, says why in the error message."""
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = None
+
+    def allows(self, value):
+        if isinstance(value, float) and math.isnan(value):
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return low_ok and (self.high is None or
+                           (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self):
+        if self.low_open and self.high_open:
+            words = f"between {self.low} and {self.high}"
+        else:
+            ends = ([f"{'greater than' if self.low_open else 'at least'} {self.low}"]
+                    if self.low is not None else [])
+            if self.high is not None:
+                ends.append(f"{'less than' if self.high_open else 'at most'} {self.high}")
+            words = " and ".join(ends)
+        return f"{words} ({self.why})" if self.why else words
+
+
+def check_ranges(args, ranges):
+    """Raise UserError, naming the flag, its value and the allowed range, for the first
+    setting of args outside its range in ranges ({setting: Range}); None passes."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not allowed.allows(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {allowed}, got {value}")
 
 
 def setup_logging(verbose=False):
@@ -46,8 +102,10 @@ def setup_logging(verbose=False):
 
 
 def run(work, log, where="the output"):
-    """work()'s exit code; the errors above become one line on log and their exit code.
-    where names what an OSError without a file name could not write."""
+    """work()'s exit code; the errors above become one line on log and their exit code, and
+    SIGTERM stops work() as Ctrl-C does. where names what an OSError without a file name
+    could not write."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return work()
     except tuple(EXIT_CODES) as error:
@@ -56,9 +114,9 @@ def run(work, log, where="the output"):
     except OSError as error:  # a full disk, or a folder that went away mid-run
         log.error("cannot write %s: %s", error.filename or where, error.strerror or error)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         log.warning("interrupted")
-        return INTERRUPTED
+        return stop_code(interruption)
 
 
 # TensorFlow's C++ start-up writes to the file descriptor of stderr before it applies its own

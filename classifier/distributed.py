@@ -25,13 +25,14 @@ import logging
 import multiprocessing.pool
 import os
 import shutil
+import signal
 import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from classifier.cli import UserError, WorkerLost
+from classifier.cli import Terminated, UserError, WorkerLost
 
 log = logging.getLogger("distributed")
 
@@ -161,8 +162,9 @@ def fit(strategy, model, training, steps_per_epoch, validation, epochs, first_ep
         model.optimizer.build(model.trainable_variables)
         copy_state(model, twin)
         try:
-            _fit(strategy, twin, training, steps_per_epoch, validation, epochs, first_epoch,
-                 class_weight, callbacks, verbose)
+            with stop_together_on_sigterm(strategy) as check_sigterm:
+                _fit(strategy, twin, training, steps_per_epoch, validation, epochs,
+                     first_epoch, class_weight, callbacks, verbose, check_sigterm)
         finally:
             copy_state(twin, model)
     except tf.errors.UnavailableError as error:
@@ -173,6 +175,29 @@ def fit(strategy, model, training, steps_per_epoch, validation, epochs, first_ep
             "up") from None
     finally:
         stop_thread_pools()
+
+
+def _terminate():
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def stop_together_on_sigterm(strategy):
+    """Yield a check to call after every step, which raises Terminated on every worker, at
+    the same step, once any of them has received SIGTERM: the whole run then stops as Ctrl-C
+    stops one process. TensorFlow's PreemptionCheckpointHandler carries the news between the
+    workers; it saves nothing itself here, the chief's backup is the run's state."""
+    previous = signal.getsignal(signal.SIGTERM)
+    folder = tempfile.mkdtemp(prefix="preemption-")
+    try:
+        handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            strategy.cluster_resolver, tf.train.Checkpoint(), checkpoint_dir=folder,
+            termination_config=tf.distribute.experimental.TerminationConfig(
+                exit_fn=_terminate, save_fn=lambda *args, **kwargs: None))
+        yield handler.save_checkpoint_if_preempted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stop_thread_pools():
@@ -191,7 +216,7 @@ def copy_state(source, target):
 
 
 def _fit(strategy, model, training_batches, steps, validation_batches, epochs, first_epoch,
-         class_weight, callbacks, verbose):
+         class_weight, callbacks, verbose, check_sigterm):
     callbacks = keras.callbacks.CallbackList(callbacks, add_progbar=verbose != 0,
                                              verbose=verbose, epochs=epochs, steps=steps,
                                              model=model)
@@ -220,6 +245,7 @@ def _fit(strategy, model, training_batches, steps, validation_batches, epochs, f
             callbacks.on_train_batch_begin(step)
             logs = train_step(training)
             callbacks.on_train_batch_end(step, logs)
+            check_sigterm()
             if model.stop_training:
                 break
         epoch_logs = as_floats(model.get_metrics_result())

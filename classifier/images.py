@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
-from imutils import paths
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
@@ -37,16 +36,34 @@ class ImageError(Exception):
     """One file that cannot be used as an image; the message says why."""
 
 
+class TooManyPixels(ImageError):
+    """An image whose header claims more pixels than the limit; size is (width, height)."""
+
+    def __init__(self, size, max_pixels):
+        super().__init__(too_many_pixels(size, max_pixels))
+        self.size = size
+
+
+def too_many_pixels(size, max_pixels):
+    return f"{size[0]}x{size[1]} pixels is over the limit of {max_pixels} (--max-pixels)"
+
+
 def list_images(root):
-    """All image files below root (recursively), sorted, hidden files and folders left out."""
+    """All image files below root (recursively), sorted, hidden files and folders left out.
+    Symbolic links to folders are followed, each real folder once (the first in sorted
+    order), so that a link loop ends."""
     if not os.path.isdir(root):
         raise UserError(f"dataset folder not found: {root}")
-    found = []
-    for path in paths.list_files(root, validExts=IMAGE_EXTENSIONS):
-        relative = os.path.relpath(path, root)
-        if any(part.startswith(".") for part in relative.split(os.sep)):
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
             continue
-        found.append(path)
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found += [os.path.join(folder, name) for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
 
 
@@ -61,22 +78,26 @@ def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS, min_side=None):
     """Decode any supported image file into an RGB uint8 array of shape (height, width, 3).
 
     The pixel count is checked from the header before any pixel is decoded, so a tiny file
-    that claims a gigantic image is refused instead of filling the memory. When min_side is
-    given, JPEGs are decoded at a reduced DCT scale that still keeps both sides >= min_side.
+    that claims a gigantic image is refused (TooManyPixels) instead of filling the memory.
+    When min_side is given, JPEGs are decoded at a reduced DCT scale that still keeps both
+    sides >= min_side.
     """
+    return _decode(path, max_pixels, min_side)[0]
+
+
+def _decode(path, max_pixels, min_side):
+    """decode_image's pixels, and the (width, height) of the file's header."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(
-                    f"{width}x{height} pixels is over the limit of {max_pixels} (--max-pixels)"
-                )
+                raise TooManyPixels((width, height), max_pixels)
             reduction = _jpeg_reduction(width, height, min_side) if image.format == "JPEG" else 1
             if image.format == "JPEG" and image.mode in ("RGB", "L"):
                 pixels = _decode_complete_jpeg(image.fp, reduction)
                 if pixels is not None:
-                    return pixels
-            return _decode_with_pillow(image, reduction)
+                    return pixels, (width, height)
+            return _decode_with_pillow(image, reduction), (width, height)
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
@@ -153,16 +174,23 @@ def resize(image, image_size):
 
 def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):
     """Decode and resize one file: exactly what the model expects, as uint8 RGB."""
-    return resize(decode_image(path, max_pixels, min_side=image_size), image_size)
+    return load_image_and_size(path, image_size, max_pixels)[0]
+
+
+def load_image_and_size(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):
+    """load_image's pixels, and the (width, height) of the file's header."""
+    pixels, size = _decode(path, max_pixels, min_side=image_size)
+    return resize(pixels, image_size), size
 
 
 def decode_into(image_paths, image_size, store, max_pixels=DEFAULT_MAX_PIXELS, workers=None,
                 progress=True):
     """Decode and resize files in parallel (OpenCV and Pillow release the GIL while decoding),
-    handing each image to store(position, image) as soon as it is ready, so that decoded
-    images are never all held at once.
+    handing each image to store(position, image, (width, height) of the file) as soon as it
+    is ready, so that decoded images are never all held at once.
 
-    Returns (position, reason) for every file that could not be used; a progress bar shows
+    Returns (position, reason, size) for every file that could not be used, size being the
+    (width, height) of one refused for its pixel count, else None; a progress bar shows
     images/s.
     """
     workers = workers or os.cpu_count() or 1
@@ -175,9 +203,10 @@ def decode_into(image_paths, image_size, store, max_pixels=DEFAULT_MAX_PIXELS, w
         stop = min(start + run_length, len(image_paths))
         for position in range(start, stop):
             try:
-                store(position, load_image(image_paths[position], image_size, max_pixels))
+                store(position, *load_image_and_size(image_paths[position], image_size,
+                                                     max_pixels))
             except ImageError as error:
-                failures.append((position, str(error)))
+                failures.append((position, str(error), getattr(error, "size", None)))
         return failures, stop - start
 
     failures = []
@@ -199,10 +228,11 @@ def load_images(image_paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, workers=
     """
     array = np.zeros((len(image_paths), image_size, image_size, 3), np.uint8)
 
-    def store(position, image):
+    def store(position, image, size):
         array[position] = image
 
-    failures = dict(decode_into(image_paths, image_size, store, max_pixels, workers, progress))
+    failures = {position: reason for position, reason, _ in
+                decode_into(image_paths, image_size, store, max_pixels, workers, progress)}
     for position, reason in failures.items():
         log.warning("skipped %s: %s", image_paths[position], reason)
     kept = [position for position in range(len(image_paths)) if position not in failures]

@@ -63,7 +63,7 @@ class RunSummary:
     precision: str
     epochs_run: int = 0
     seconds: float = 0.0
-    interrupted: bool = False
+    interrupted: int = 0  # the exit code of what stopped training early (130, 143), or 0
     model: str = None
     test_accuracy: float = None  # exact-match accuracy for a multi-label model
 

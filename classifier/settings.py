@@ -10,9 +10,25 @@ import keras
 import yaml
 
 from classifier import artifacts, distributed, hardware, images
-from classifier.cli import UserError
+from classifier.cli import Range, UserError, check_ranges
 
 CONFIG_FILE = "config.json"
+AT_LEAST_ONE, COUNT, FRACTION = Range(1), Range(0), Range(0, 1, low_open=True, high_open=True)
+# Every numeric setting and the values it allows, flag or config key alike.
+RANGES = {
+    "test_size": FRACTION, "threshold": FRACTION,
+    "image_size": Range(16, 1024, why="the network halves it 4 times"),
+    "max_pixels": AT_LEAST_ONE, "workers": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE,
+    "lr": Range(0, low_open=True), "min_lr": COUNT,
+    "lr_factor": FRACTION, "lr_patience": COUNT, "early_stopping": COUNT,
+    "keep_checkpoints": COUNT, "worker_index": COUNT,
+    "seed": Range(0, 2**32 - 1), "bn_momentum": Range(0, 1),
+    "rotation_range": Range(0, 180), "shear_range": Range(0, 90, high_open=True),
+    "width_shift_range": Range(0, 1, high_open=True),
+    "height_shift_range": Range(0, 1, high_open=True),
+    "zoom_range": Range(0, 1, high_open=True),
+}
 
 
 def build_parser():
@@ -177,17 +193,12 @@ def parse_args(argv):
 
 def check(args):
     """Refuse, before anything is loaded, settings that cannot work together or at all."""
-    if not 0 < args.test_size < 1:
-        raise UserError(f"--test-size must be between 0 and 1, got {args.test_size}")
-    if args.image_size < 16:
-        raise UserError("--image-size must be at least 16 (the network halves it 4 times)")
+    check_ranges(args, RANGES)
     if args.no_cache and args.data_mode == "stream":
         raise UserError("--data-mode stream reads batches from the cache: drop --no-cache")
     if (args.multi_label or args.labels_csv) and args.class_weight != "none":
         raise UserError("--class-weight weighs one class per image: it cannot be used with "
                         "--multi-label")
-    if not 0 < args.threshold < 1:
-        raise UserError(f"--threshold must be between 0 and 1, got {args.threshold}")
 
 
 def read_config_file(path):

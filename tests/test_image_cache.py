@@ -21,13 +21,13 @@ def make_files(folder, count=6):
 def decode_counter(monkeypatch):
     """Counts the files images.load_image really decodes."""
     decoded = []
-    real = images.load_image
+    real = images.load_image_and_size
 
     def counting(path, *args, **kwargs):
         decoded.append(path)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(images, "load_image", counting)
+    monkeypatch.setattr(images, "load_image_and_size", counting)
     return decoded
 
 
@@ -99,6 +99,40 @@ def test_image_rows_index_like_an_array(tmp_path):
     np.testing.assert_array_equal(rows[np.array([2, 0])], array[[5, 9]])
     np.testing.assert_array_equal(rows[1], array[3])
     np.testing.assert_array_equal(rows.load(), array[[9, 3, 5, 0]])
+
+
+def test_a_raised_or_lowered_max_pixels_takes_effect_over_a_warm_cache(tmp_path,
+                                                                       decode_counter):
+    paths = [write_image(tmp_path / "data" / f"{side}.png", np.full((side, side, 3), side))
+             for side in (10, 20, 30)]
+    cache = str(tmp_path / "cache")
+    _, kept, skipped = image_cache.load_images(paths, 8, cache, max_pixels=500, progress=False)
+    assert kept == [0, 1] and skipped == [(paths[2], "30x30 pixels is over the limit of 500 "
+                                                     "(--max-pixels)")]
+    del decode_counter[:]
+    rows, kept, _ = image_cache.load_images(paths, 8, cache, max_pixels=1000, progress=False)
+    assert kept == [0, 1, 2] and decode_counter == [paths[2]]  # only the one refused before
+    assert rows[2].min() == 30
+    del decode_counter[:]
+    rows, kept, skipped = image_cache.load_images(paths, 8, cache, max_pixels=150,
+                                                  progress=False)
+    assert kept == [0] and decode_counter == []  # refused from the cache's own record
+    assert [path for path, _ in skipped] == paths[1:]
+    _, kept, _ = image_cache.load_images(paths, 8, cache, progress=False)
+    assert kept == [0, 1, 2] and decode_counter == []
+
+
+def test_rows_stay_readable_after_another_run_replaces_the_cache(tmp_path):
+    paths = make_files(tmp_path / "data", 3)
+    cache = str(tmp_path / "cache")
+    rows, _, _ = image_cache.load_images(paths, 8, cache, progress=False)
+    first = rows.load()
+    write_image(paths[0], np.full((30, 20, 3), 250))  # a change: the cache is written anew
+    stamp = os.stat(paths[0]).st_mtime_ns + 10**9
+    os.utime(paths[0], ns=(stamp, stamp))
+    image_cache.load_images(paths, 8, cache, progress=False)
+    assert not os.path.exists(rows.path)  # the old data file is gone from the folder
+    np.testing.assert_array_equal(rows.subset([2, 1]).load(), first[[2, 1]])
 
 
 @pytest.mark.slow

@@ -132,7 +132,7 @@ def test_ctrl_c_while_loading_stops_without_decoding_the_rest(tmp_path):
     path = write_image(tmp_path / "a.jpg", np.full((20, 20, 3), 90))
     stored = []
 
-    def store(position, image):
+    def store(position, image, size):
         stored.append(position)
         if len(stored) == 10:
             _thread.interrupt_main()  # what Ctrl-C does to the main thread

@@ -63,7 +63,7 @@ def test_demo_trains_a_users_own_dataset_with_the_default_settings(tmp_path, mon
     def fake_training(args):
         seen["args"] = args
         return SimpleNamespace(model="m", output="Output", tensorboard_run="logs/run",
-                               epochs_run=1, seconds=1.0, test_accuracy=0.5, interrupted=False)
+                               epochs_run=1, seconds=1.0, test_accuracy=0.5, interrupted=0)
 
     assert main.main([], run_training=fake_training) == 0
     assert sorted(os.listdir(tmp_path / "Dataset")) == ["cats", "dogs"]

@@ -99,10 +99,11 @@ def test_early_stopping_stops_when_val_loss_stalls(demo_dataset, tmp_path):
     output = tmp_path / "Output"
     flags = list(TINY_FLAGS)
     flags[flags.index("--epochs") + 1] = "6"
-    # A zero learning rate and frozen BatchNormalization statistics: val_loss never improves
-    # after the first epoch, so patience 1 stops training after epoch 2.
+    # A learning rate far too small to move the weights, and frozen BatchNormalization
+    # statistics: val_loss never improves after the first epoch, so patience 1 stops
+    # training after epoch 2.
     code = train.main(["--dataset", demo_dataset, "--output", str(output), "--logs",
-                       str(tmp_path / "logs"), "--lr", "0", "--bn-momentum", "1.0",
+                       str(tmp_path / "logs"), "--lr", "1e-12", "--bn-momentum", "1.0",
                        "--early-stopping", "1", *flags])
     assert code == 0
     with open(output / "history.csv") as handle:
