@@ -26,7 +26,7 @@ import imutils
 import numpy as np
 from tqdm import tqdm
 
-from classifier import artifacts, cli, images
+from classifier import artifacts, cli, images, inference
 from classifier.cli import Range, UserError
 
 log = logging.getLogger("predict")
@@ -42,32 +42,36 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Label images with a model trained by train.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--image", nargs="+", required=True, metavar="PATH",
+    inputs = parser.add_argument_group("images")
+    inputs.add_argument("--image", nargs="+", required=True, metavar="PATH",
                         help="image files, folders of images, or glob patterns ('**' recurses)")
-    artifacts.add_model_flags(parser)
-    parser.add_argument("--output", default=os.path.join(artifacts.OUTPUT, "predictions"),
-                        help="folder for the annotated copies")
-    parser.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
-                        help="write an annotated copy of each image into --output")
-    parser.add_argument("--top-k", type=int, default=1,
-                        help="classes reported per image (single-label models)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="multi-label models: report every label whose probability "
-                             "reaches this")
-    parser.add_argument("--format", choices=FORMATS, default="table",
-                        help="table: 'path: label 97.42%%' lines; csv: path,rank,label,"
-                             "probability,error rows; json: a list of objects")
-    parser.add_argument("--results", default=None,
-                        help="write the results to this file instead of the standard output")
-    parser.add_argument("--montage", default=None, metavar="FILE",
-                        help=f"also write a grid of the first {MONTAGE_COLUMNS * MONTAGE_ROWS} "
-                             "annotated images to this picture")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per model call")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="threads for decoding images and writing the annotated copies")
-    parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+    inputs.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                         help="refuse images whose header claims more pixels than this")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    inputs.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    inputs.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="threads for decoding images and writing the annotated copies")
+    labelling = parser.add_argument_group("model and labels")
+    artifacts.add_model_flags(labelling)
+    inference.add_tta_flag(labelling)
+    labelling.add_argument("--top-k", type=int, default=1,
+                           help="classes reported per image (single-label models)")
+    labelling.add_argument("--threshold", type=float, default=0.5,
+                           help="multi-label models: report every label whose probability "
+                                "reaches this")
+    results = parser.add_argument_group("output")
+    results.add_argument("--format", choices=FORMATS, default="table",
+                         help="table: 'path: label 97.42%%' lines; csv: path,rank,label,"
+                              "probability,error rows; json: a list of objects")
+    results.add_argument("--results", default=None,
+                         help="write the results to this file instead of the standard output")
+    results.add_argument("--output", default=os.path.join(artifacts.OUTPUT, "predictions"),
+                         help="folder for the annotated copies")
+    results.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=True,
+                         help="write an annotated copy of each image into --output")
+    results.add_argument("--montage", default=None, metavar="FILE",
+                         help=f"also write a grid of the first {MONTAGE_COLUMNS * MONTAGE_ROWS} "
+                              "annotated images to this picture")
+    results.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
@@ -223,7 +227,8 @@ class Labeller:
             return results
         batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
         drawings = []
-        for (path, _), probabilities in zip(loaded, self.model.predict_on_batch(batch)):
+        for (path, _), probabilities in zip(loaded, inference.probabilities(
+                self.model, batch, self.args.tta)):
             predictions = chosen_labels(probabilities, self.classes, self.multi_label,
                                         self.top_k, self.args.threshold)
             results.append({"path": path, "predictions": predictions})

@@ -3,18 +3,15 @@
     python train.py --dataset Dataset
 
 The blog's four steps, top to bottom: load the data, configure the model, train, evaluate
-and save. Each step is a few calls; the details of each live in one module of classifier/
-named after its job (settings, dataset, pipelines, callbacks, hardware, distributed, reports).
-
-Leaves in the output folder: vgg_model.keras, labels.pickle and labels.json, checkpoints/,
-history.csv, config.json, and the reports: classification_report.txt and .json,
-confusion_matrix.png, training_plot.png, dataset_overview.png, confident_mistakes.png, all
-on one page, report.html. TensorBoard events go to logs/<run name>.
+and save; each a few calls, their details in the modules of classifier/. Leaves in the
+output folder: vgg_model.keras, labels.pickle and .json, checkpoints/, history.csv,
+config.json, the reports (classification_report.txt and .json, confusion_matrix.png,
+training_plot.png, dataset_overview.png, confident_mistakes.png) and report.html, which
+shows them all; TensorBoard events go to logs/<run name>.
 """
 
 import functools
 import logging
-import math
 import os
 import sys
 import time
@@ -25,7 +22,7 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 import vgg
 from classifier import (artifacts, callbacks, cli, dataset, distributed, hardware, pipelines,
-                        reports, settings)
+                        reports, schedules, settings)
 
 log = logging.getLogger("train")
 
@@ -33,7 +30,9 @@ log = logging.getLogger("train")
 def load_data(args, output):
     """1. Load the data: list and label the images, decode and resize them (cached), binarize
     the labels, split off the test images (or take the pre-split folders)."""
-    folders = dataset.load_folders(args, output)
+    folders, skipped = dataset.load_folders(args)
+    if not args.lr_find:  # a range test leaves a run's files as they are
+        dataset.save_skipped(skipped, output)
     binarizer, targets = artifacts.fit_binarizer(folders["train"].labels, args.multi_label)
     data_mode = hardware.choose_data_mode(args.data_mode, dataset.size_in_bytes(folders),
                                           hardware.available_memory())
@@ -47,9 +46,10 @@ def load_data(args, output):
     return binarizer, classes, splits, data_mode
 
 
-def configure_model(args, classes, strategy, build_model, policy):
-    """2. Configure the model: the augmentation, the network, its loss and metrics."""
-    if args.augment == "layers":
+def configure_model(args, classes, strategy, build_model, policy, steps_per_epoch):
+    """2. Configure the model: the augmentation, the network, its loss, metrics and
+    optimizer."""
+    if args.augment != "generator":
         augmentation = pipelines.augmentation_layers(args, args.seed)
     else:
         augmentation = ImageDataGenerator(
@@ -65,12 +65,18 @@ def configure_model(args, classes, strategy, build_model, policy):
         if args.multi_label:
             # Keras would also call this "accuracy"; it is the share of right yes/no label
             # decisions, not of images with every label right (that one is in the report).
-            loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(
+            loss, metrics = keras.losses.BinaryCrossentropy, [keras.metrics.BinaryAccuracy(
                 name="binary_accuracy", threshold=args.threshold)]
         else:
-            loss, metrics = "categorical_crossentropy", ["accuracy"]
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr), loss=loss,
-                      metrics=metrics)
+            loss, metrics = keras.losses.CategoricalCrossentropy, ["accuracy"]
+        if args.label_smoothing:
+            loss = loss(label_smoothing=args.label_smoothing)
+        else:  # the blog's name of its loss
+            loss = "binary_crossentropy" if args.multi_label else "categorical_crossentropy"
+        rate = schedules.learning_rate(args, steps_per_epoch)  # --lr, or one cycle over the run
+        optimizer = (keras.optimizers.AdamW(learning_rate=rate, weight_decay=args.weight_decay)
+                     if args.optimizer == "adamw" else keras.optimizers.Adam(learning_rate=rate))
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
     return model, augmentation
 
 
@@ -89,7 +95,8 @@ def configure_callbacks(args, output, logs, model, extra_callbacks):
         # First, so that the learning rate it sets is the one the loggers and the backup see.
         callbacks.ReduceLROnPlateau(os.path.join(backup, "plateau.json"), monitor="val_loss",
                                     factor=args.lr_factor, patience=args.lr_patience,
-                                    min_lr=args.min_lr, verbose=1),
+                                    min_lr=args.min_lr, verbose=1)
+        if args.schedule == "plateau" else callbacks.LearningRateLog(),
         callbacks.TerminateOnNaN(),
         *callbacks.early_stopping(args.early_stopping),
         callbacks.ModelCheckpoint(os.path.join(output, callbacks.CHECKPOINTS),
@@ -104,18 +111,34 @@ def configure_callbacks(args, output, logs, model, extra_callbacks):
     ], run_name, first_epoch
 
 
+def record(args, output, logs, run_name, binarizer, splits, summary, class_weight):
+    """Before training: what predict.py needs beside the model, and what this run is."""
+    log.info("images %s, %s precision", "in memory" if summary.data_mode == "memory"
+             else f"streamed from {args.cache_dir}", summary.precision)
+    artifacts.save_labels(binarizer, output, args.image_size)
+    reports.save_overview(summary.classes, splits.train, splits.test,
+                          splits.validation if splits.has_validation_folder else None, output)
+    settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
+                          classes=summary.classes, train_images=summary.training_images,
+                          test_images=summary.test_images, data_mode=summary.data_mode,
+                          precision=summary.precision,
+                          validation_images=len(splits.validation.x),
+                          class_weights=class_weight)
+
+
 def train_model(args, strategy, model, augmentation, splits, class_weight, first_epoch,
                 callback_list):
     """3. Train: model.fit, whatever the strategy. Returns the seconds it took, and the exit
     code of what stopped it early (Ctrl-C 130, SIGTERM 143), or 0."""
     training = functools.partial(pipelines.training_batches, splits.train.x, splits.train.y,
-                                 args.batch_size, augmentation, args.seed)
+                                 args.batch_size, augmentation, args.seed,
+                                 mix=pipelines.mixing(args.mix, args.seed))
     validation = functools.partial(pipelines.batches, splits.validation.x, splits.validation.y,
                                    args.batch_size)
     started = time.perf_counter()
     try:
         distributed.fit(strategy, model, training,
-                        steps_per_epoch=math.ceil(len(splits.train.x) / args.batch_size),
+                        pipelines.steps_per_epoch(len(splits.train.x), args.batch_size),
                         validation=validation, epochs=args.epochs, first_epoch=first_epoch,
                         class_weight=class_weight, callbacks=callback_list,
                         verbose=1 if sys.stdout.isatty() else 2)  # a bar, or a line per epoch
@@ -132,7 +155,7 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
     summary.model = artifacts.save_model(model, output)
     evaluation = reports.evaluate(
         model, pipelines.batches(splits.test.x, splits.test.y, args.batch_size), splits.test.y,
-        args.multi_label, args.threshold)
+        args.multi_label, args.threshold, args.tta)
     text, scores, summary.test_accuracy = reports.save_test_reports(
         evaluation, splits.test.x, classes, output)
     history = callbacks.read_history(output)
@@ -141,6 +164,18 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
     reports.write_html(output, summary.facts(), scores)
     print(text)
     print(f"report: {os.path.join(output, reports.HTML)}")
+
+
+def find_learning_rate(args, output, model, augmentation, splits):
+    """--lr-find instead of steps 3 and 4: the range test on the model as configured; it
+    saves lr_find.png and nothing else. Returns the suggested learning rate."""
+    test = schedules.range_test(model, pipelines.training_batches(
+        splits.train.x, splits.train.y, args.batch_size, augmentation, args.seed,
+        mix=pipelines.mixing(args.mix, args.seed)))
+    print(f"learning-rate range test: {len(test.rates)} steps, plot: "
+          f"{schedules.save_range_test(test, output)}")
+    print(f"suggested learning rate: --lr {test.suggestion():.2g}")
+    return test.suggestion()
 
 
 def run(args, extra_callbacks=(), build_model=vgg.build_vgg, policy=None):
@@ -158,7 +193,11 @@ def run(args, extra_callbacks=(), build_model=vgg.build_vgg, policy=None):
 
         policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
                                                      hardware.cpu_flags())
-        model, augmentation = configure_model(args, classes, strategy, build_model, policy)
+        model, augmentation = configure_model(
+            args, classes, strategy, build_model, policy,
+            pipelines.steps_per_epoch(len(splits.train.x), args.batch_size))
+        if args.lr_find:
+            return find_learning_rate(args, output, model, augmentation, splits)
         callback_list, run_name, first_epoch = configure_callbacks(args, output, logs, model,
                                                                    extra_callbacks)
         class_weight = (dataset.class_weights(splits.train.y, classes)
@@ -179,21 +218,6 @@ def run(args, extra_callbacks=(), build_model=vgg.build_vgg, policy=None):
     return summary
 
 
-def record(args, output, logs, run_name, binarizer, splits, summary, class_weight):
-    """Before training: what predict.py needs beside the model, and what this run is."""
-    log.info("images %s, %s precision", "in memory" if summary.data_mode == "memory"
-             else f"streamed from {args.cache_dir}", summary.precision)
-    artifacts.save_labels(binarizer, output, args.image_size)
-    reports.save_overview(summary.classes, splits.train, splits.test,
-                          splits.validation if splits.has_validation_folder else None, output)
-    settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
-                          classes=summary.classes, train_images=summary.training_images,
-                          test_images=summary.test_images, data_mode=summary.data_mode,
-                          precision=summary.precision,
-                          validation_images=len(splits.validation.x),
-                          class_weights=class_weight)
-
-
 def main(argv=None, **run_options):
     """Parse the flags, run, and turn what can go wrong into one line and an exit code.
     run_options go to run()."""
@@ -204,9 +228,12 @@ def main(argv=None, **run_options):
         args = settings.parse_args(argv)
         cli.setup_logging(args.verbose)
         summary = run(args, **run_options)
+        if args.lr_find:
+            return 0
         print(f"model: {summary.model}")
         print(f"reports and plots: {summary.output}")
-        print(f"TensorBoard: tensorboard --logdir {os.path.dirname(summary.tensorboard_run) or '.'}")
+        logs = os.path.dirname(summary.tensorboard_run) or "."
+        print(f"TensorBoard: tensorboard --logdir {logs}")
         print(f"test {'exact-match ' if summary.multi_label else ''}accuracy: "
               f"{summary.test_accuracy:.2f}")
         return summary.interrupted

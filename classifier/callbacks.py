@@ -99,6 +99,15 @@ class TerminateOnNaN(keras.callbacks.TerminateOnNaN):
             self.model.stop_training = True
 
 
+class LearningRateLog(keras.callbacks.Callback):
+    """Puts the optimizer's learning rate into each epoch's logs, for history.csv and
+    TensorBoard, as ReduceLROnPlateau does where it runs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
+
+
 def early_stopping(patience):
     """Keras's EarlyStopping on val_loss, keeping the best epoch's weights, as a list: empty
     when patience is 0, as in the blog."""

@@ -49,10 +49,10 @@ class Splits:
     has_validation_folder: bool
 
 
-def load_folders(args, output):
+def load_folders(args):
     """The images and labels of --dataset, and of --val-dir and --test-dir when given, each
-    shuffled with the seed: {"train": Folder, "validation": ..., "test": ...}. Files that
-    could not be used are listed in output/skipped_files.csv."""
+    shuffled with the seed: ({"train": Folder, "validation": ..., "test": ...}, the files
+    that could not be used as (path, reason))."""
     roots = {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir}
     loaded, skipped, found = {}, [], 0
     for role, root in roots.items():
@@ -62,16 +62,20 @@ def load_folders(args, output):
             loaded[role] = folder
             skipped += unusable
             found += listed
+    if skipped:
+        log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
+                    len(skipped), found, SKIPPED_FILE)
+    check_classes(loaded, roots, args)
+    return loaded, skipped
+
+
+def save_skipped(skipped, output):
+    """output/skipped_files.csv: each file that could not be used, and why."""
     with artifacts.atomic_path(os.path.join(output, SKIPPED_FILE)) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "reason"])
             writer.writerows(skipped)
-    if skipped:
-        log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
-                    len(skipped), found, os.path.join(output, SKIPPED_FILE))
-    check_classes(loaded, roots, args)
-    return loaded
 
 
 def check_classes(loaded, roots, args):

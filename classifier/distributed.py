@@ -3,15 +3,15 @@
 fit() below is Keras's model.fit on one device, and on one machine with several GPUs, which
 train under MirroredStrategy. Several machines train under MultiWorkerMirroredStrategy, which
 Keras 3's fit cannot drive (it fails converting PerReplica values: keras-team/keras#20585).
-For those, fit() runs the epochs the way Keras's fit does: the same callbacks, through keras.callbacks.CallbackList, get the
-same logs, reduced over all the workers, so every worker takes the same decisions (lowering
-the learning rate, stopping early or on NaN) at the same step.
+For those, fit() runs the epochs the way Keras's fit does: the same callbacks, through
+keras.callbacks.CallbackList, get the same logs, reduced over all the workers, so every
+worker takes the same decisions (lowering the learning rate, stopping early or on NaN) at the
+same step.
 
 Every worker runs the same program on its own copy of the data and builds the same global
 batches from the seed; replica r of R decodes and trains on part r of each
-(pipelines.shard_part), so
-the global batch, the steps per epoch and the ImageDataGenerator transform of each image are
-those of one process. Gradients are averaged over the whole global batch before every
+(pipelines.shard_part), so the global batch, the steps per epoch and the ImageDataGenerator
+transform of each image are those of one process. Gradients are averaged over the whole global batch before every
 update, so the workers keep identical weights. The chief (worker 0) writes the run's files;
 its backup is the run's state, which the others take over when a run resumes. A worker that
 stops makes TensorFlow abort the collective operations of the others (its coordination
@@ -267,7 +267,9 @@ def _fit(strategy, model, training_batches, steps, validation_batches, epochs, f
 def step_functions(strategy, model, class_weight):
     """One training step and one evaluation step, as tf.functions that run on every replica
     and return the model's metrics over all of them, as fit's logs have them."""
-    per_example_loss = keras.losses.get(model.loss)
+    # A Loss object (label smoothing) reduces over the batch; its call() gives one per image.
+    per_example_loss = (model.loss.call if isinstance(model.loss, keras.losses.Loss)
+                        else keras.losses.get(model.loss))
     loss_tracker = next(metric for metric in model.metrics if metric.name == "loss")
     # Keras's fit turns class weights into a weight per example by the target's class.
     weights = None if not class_weight else tf.constant(

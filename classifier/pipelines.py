@@ -18,6 +18,11 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 _transform_lock = threading.Lock()
 
 
+def steps_per_epoch(count, batch_size):
+    """Steps that show each of count training images once: the last batch may be short."""
+    return math.ceil(count / batch_size)
+
+
 def shard_part(count, shard):
     """The part of a global batch of count images that shard (index, shards) trains on:
     contiguous, sizes differing by at most one image."""
@@ -48,7 +53,8 @@ def batches(x, y, batch_size, shard=(0, 1)):
                      weighted=shard[1] > 1)
 
 
-def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0, shard=(0, 1)):
+def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0, shard=(0, 1),
+                     mix=None):
     """Augmented batches, epoch after epoch from first_epoch, without end: fit them with
     steps_per_epoch = ceil(len(x) / batch_size), so that every epoch sees every image once.
     With shard (index, shards) of several, only that shard's part of each batch, and the
@@ -60,9 +66,10 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0, shard=
     order, and the ImageDataGenerator transforms, of epoch e depend only on (seed, e): a run
     resumed at epoch e sees the batches the uninterrupted run would have seen, not a replay
     of the first epochs, and a shard's images get the transforms they get in the whole batch.
-    Keras's PyDataset would copy each batch through a Python generator: slower.
+    Keras's PyDataset would copy each batch through a Python generator: slower. mix, a
+    Keras MixUp or CutMix layer (mixing), blends the augmented batches.
     """
-    steps = math.ceil(len(x) / batch_size)
+    steps = steps_per_epoch(len(x), batch_size)
     generator = augmentation if isinstance(augmentation, ImageDataGenerator) else None
 
     @functools.lru_cache(maxsize=4)
@@ -84,10 +91,27 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0, shard=
 
     dataset = _pipeline(tf.data.Dataset.counter(start=first_epoch * steps), make_batch, x, y,
                         weighted=shard[1] > 1)
-    if generator or augmentation is None:
+    if generator and mix is None:
         return dataset
-    return dataset.map(lambda images, *rest: (augmentation(images, training=True), *rest),
-                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if not generator and augmentation is not None:
+        dataset = dataset.map(lambda images, *rest: (augmentation(images, training=True), *rest),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+    if mix is not None:
+        dataset = dataset.map(lambda images, targets, *rest: (*_mixed(mix, images, targets),
+                                                              *rest),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _mixed(mix, images, targets):
+    mixed = mix({"images": images, "labels": targets}, training=True)
+    return mixed["images"], mixed["labels"]
+
+
+def mixing(kind, seed):
+    """--mix: Keras's MixUp or CutMix layer, or None."""
+    layers = {"mixup": keras.layers.MixUp, "cutmix": keras.layers.CutMix}
+    return layers[kind](seed=seed, dtype="float32") if kind in layers else None
 
 
 def _pipeline(positions, make_batch, x, y, weighted):
@@ -106,12 +130,23 @@ def _pipeline(positions, make_batch, x, y, weighted):
 
 
 def augmentation_layers(args, seed):
-    """ImageDataGenerator's transforms with the same parameters, as Keras layers (None when
-    every transform is switched off)."""
+    """ImageDataGenerator's transforms with the same parameters, as Keras layers, or with
+    --augment randaugment Keras's RandAugment; then the flip (None when every transform is
+    switched off)."""
     def options(offset):
         # float32 even under mixed precision: these run in tf.data, before the model casts.
         return {"fill_mode": "nearest", "seed": seed + offset, "dtype": "float32"}
 
+    if args.augment == "randaugment":
+        chosen = [keras.layers.RandAugment(value_range=(0, 255), seed=seed, dtype="float32")]
+    else:
+        chosen = _generator_layers(args, options)
+    if args.horizontal_flip:
+        chosen.append(keras.layers.RandomFlip("horizontal", seed=seed + 5, dtype="float32"))
+    return keras.Sequential(chosen, name="augmentation") if chosen else None
+
+
+def _generator_layers(args, options):
     chosen = []
     if args.rotation_range:
         # RandomRotation's factor is a fraction of a full turn.
@@ -128,9 +163,7 @@ def augmentation_layers(args, seed):
         # Like ImageDataGenerator, each axis is zoomed in or out by up to zoom_range on its own.
         zoom = (-args.zoom_range, args.zoom_range)
         chosen.append(keras.layers.RandomZoom(zoom, zoom, **options(4)))
-    if args.horizontal_flip:
-        chosen.append(keras.layers.RandomFlip("horizontal", seed=seed + 5, dtype="float32"))
-    return keras.Sequential(chosen, name="augmentation") if chosen else None
+    return chosen
 
 
 def random_transform(generator, image, seed):

@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
                              multilabel_confusion_matrix)
 
-from classifier import artifacts
+from classifier import artifacts, inference
 
 REPORT_TEXT = "classification_report.txt"
 REPORT_JSON = "classification_report.json"
@@ -61,6 +61,7 @@ class RunSummary:
     image_size: int
     data_mode: str
     precision: str
+    tta: bool
     epochs_run: int = 0
     seconds: float = 0.0
     interrupted: int = 0  # the exit code of what stopped training early (130, 143), or 0
@@ -72,7 +73,7 @@ class RunSummary:
         return cls(output, tensorboard_run, args.multi_label, args.threshold, args.epochs,
                    classes, len(splits.train.x),
                    len(splits.validation.x) if splits.has_validation_folder else None,
-                   len(splits.test.x), args.image_size, data_mode, precision)
+                   len(splits.test.x), args.image_size, data_mode, precision, args.tta)
 
     def facts(self):
         """The table at the top of report.html."""
@@ -85,13 +86,18 @@ class RunSummary:
             "classes": len(self.classes), "training images": self.training_images,
             "validation images": self.validation_images or "the test split",
             "test images": self.test_images, "image size": f"{self.image_size}x{self.image_size}",
-            "precision": self.precision, "training time": f"{self.seconds:.0f} s",
+            "precision": self.precision,
+            "test-time augmentation": ("on: each image and its mirror image, probabilities "
+                                       "averaged" if self.tta else "off"),
+            "training time": f"{self.seconds:.0f} s",
             "TensorBoard run": self.tensorboard_run}
 
 
-def evaluate(model, test_batches, test_y, multi_label, threshold):
-    """Evaluation of model on the test split's batches, whose targets are test_y."""
-    probabilities = model.predict(test_batches, verbose=0)
+def evaluate(model, test_batches, test_y, multi_label, threshold, tta=False):
+    """Evaluation of model on the test split's batches, whose targets are test_y, with
+    test-time augmentation when tta (inference.probabilities)."""
+    probabilities = np.concatenate([inference.probabilities(model, images.numpy(), tta)
+                                    for images, _ in test_batches])
     if multi_label:  # label indicator rows: what scikit-learn takes as multi-label
         return Evaluation(test_y.astype(int), (probabilities >= threshold).astype(int),
                           probabilities, threshold)

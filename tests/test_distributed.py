@@ -73,11 +73,13 @@ def history_epochs(output):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["blog", "fast"])
 def test_two_workers_train_the_same_weights_and_the_chief_writes_the_model(demo_dataset,
-                                                                          tmp_path):
+                                                                          tmp_path, recipe):
     addresses = free_addresses(2)
     results = finish([driver(tmp_path / f"state{index}.npz",
-                             worker_flags(demo_dataset, tmp_path, index, addresses))
+                             worker_flags(demo_dataset, tmp_path, index, addresses,
+                                          "--recipe", recipe))
                       for index in range(2)])
     for code, _, err in results:
         assert code == 0, err[-3000:]
