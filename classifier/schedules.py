@@ -25,8 +25,9 @@ SKIPPED = 10
 
 
 def learning_rate(args, steps_per_epoch):
-    """What the optimizer is given: --lr, or the one-cycle schedule over the whole run."""
-    if args.schedule == "plateau":
+    """What the optimizer is given: --lr, or the one-cycle schedule over the whole run (not
+    for --lr-find, which sets the rate itself step by step)."""
+    if args.schedule == "plateau" or args.lr_find:
         return args.lr
     total = args.epochs * steps_per_epoch
     warmup = min(round(args.warmup_epochs * steps_per_epoch), total - 1)

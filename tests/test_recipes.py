@@ -132,7 +132,8 @@ def test_lr_find_writes_its_plot_and_a_suggestion_and_touches_nothing_else(train
         shutil.copy2(os.path.join(trained_run["output"], name), output / name)
     before = fingerprint(output)
     code = train.main(["--dataset", trained_run["dataset"], "--output", str(output),
-                       "--logs", str(tmp_path / "logs"), "--lr-find", *TINY_FLAGS])
+                       "--logs", str(tmp_path / "logs"), "--lr-find", "--recipe", "fast",
+                       *TINY_FLAGS])
     assert code == 0
     said = capsys.readouterr().out
     suggested = float(said.split("suggested learning rate: --lr ")[1].split()[0])
