@@ -44,6 +44,16 @@ PLANS = {
         "tune-fast-10-randaugment": (TUNE_FAST + ["--augment", "randaugment"], "validation"),
         "tune-fast-10-96px": (TUNE_FAST + ["--image-size", "96"], "validation"),
     },
+    "tune2": {
+        "tune2-blog-onecycle": (["--epochs", "10", "--schedule", "onecycle"], "validation"),
+        "tune2-blog-adamw": (["--epochs", "10", "--optimizer", "adamw"], "validation"),
+        "tune2-blog-lr0.0014": (["--epochs", "10", "--lr", "0.0014"], "validation"),
+        "tune2-blog-onecycle-lr0.0014": (["--epochs", "10", "--schedule", "onecycle", "--lr",
+                                          "0.0014"], "validation"),
+        "tune2-blog-light-augmentation": (["--epochs", "10", "--rotation-range", "15",
+                                           "--shear-range", "0.1", "--zoom-range", "0.1"],
+                                          "validation"),
+    },
     "final": {
         "fast-10": (["--recipe", "fast", "--epochs", "10"], "split"),
         "fast-25": (["--recipe", "fast"], "split"),
