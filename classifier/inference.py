@@ -2,15 +2,16 @@
 predict.py: its probabilities, or with test-time augmentation (--tta) the mean of those of
 the images and of their mirror images."""
 
-import numpy as np
-
 
 def probabilities(model, images, tta=False):
     """One row of probabilities per image of images, a float32 batch as images.load_image
     gives them (N x size x size x 3)."""
-    found = np.asarray(model.predict_on_batch(images))
+    # predict, not predict_on_batch: under a MirroredStrategy (--devices) predict_on_batch
+    # hands every replica the whole batch and returns each replica's rows.
+    found = model.predict(images, batch_size=len(images), verbose=0)
     if tta:
-        found = (found + np.asarray(model.predict_on_batch(images[:, :, ::-1]))) / 2
+        found = (found + model.predict(images[:, :, ::-1], batch_size=len(images),
+                                       verbose=0)) / 2
     return found
 
 

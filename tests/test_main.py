@@ -54,6 +54,15 @@ def test_demo_generates_the_dataset_trains_and_predicts_held_back_images(tmp_pat
     assert (tmp_path / "Output" / "vgg_model.keras").exists()
 
 
+@pytest.mark.slow
+def test_the_demo_maps_a_nan_loss_to_its_exit_code_like_train_py(tmp_path, monkeypatch,
+                                                                  caplog):
+    monkeypatch.chdir(tmp_path)
+    code = main.main([], per_class=6, train_flags=["--image-size", "32", "--epochs", "3",
+                                                   "--lr", "1e6"])
+    assert code == 3 and "lower learning rate" in caplog.text
+
+
 def test_demo_trains_a_users_own_dataset_with_the_default_settings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("cats", "dogs"):
