@@ -9,8 +9,8 @@ Each run is train.py in its own process, with its own output folder under --work
 gives its wall time (the whole process: loading, training, evaluation and reports), the
 training time train.py reports, and the test accuracy and macro F1 of its report. Plans:
 
-- tune: runs whose "test" report is the validation folder (--test-dir validation), for
-  choosing the fast recipe's values without looking at a test image;
+- tune, tune2, tune3: runs whose "test" report is the validation folder (--test-dir
+  validation), for choosing the fast recipe's values without looking at a test image;
 - final: the 15% test split of train/ (seed 42) and the official folders, once per
   configuration.
 
@@ -53,6 +53,11 @@ PLANS = {
         "tune2-blog-light-augmentation": (["--epochs", "10", "--rotation-range", "15",
                                            "--shear-range", "0.1", "--zoom-range", "0.1"],
                                           "validation"),
+    },
+    # The two best of tune and tune2 at the fast recipe's own horizon.
+    "tune3": {
+        "tune3-fast-25": (["--recipe", "fast"], "validation"),
+        "tune3-blog-25-lr0.0014": (["--epochs", "25", "--lr", "0.0014"], "validation"),
     },
     "final": {
         "fast-10": (["--recipe", "fast", "--epochs", "10"], "split"),
