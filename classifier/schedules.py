@@ -78,7 +78,7 @@ def save_range_test(test, output):
     axes.axvline(test.suggestion(), color="tab:red", linestyle="--",
                  label=f"suggested --lr {test.suggestion():.2g}")
     # From the lowest loss to a little above the first: the explosion runs off the top.
-    axes.set_ylim(min(test.losses) * 0.95, max(test.losses[0], min(test.losses)) * 1.3)
+    axes.set_ylim(min(test.losses) * 0.95, test.losses[0] * 1.3)
     axes.set_xlabel("learning rate (log scale)")
     axes.set_ylabel("training loss (smoothed)")
     axes.set_title("Learning-rate range test")
