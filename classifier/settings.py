@@ -14,8 +14,12 @@ from classifier.cli import Range, UserError, check_ranges
 
 CONFIG_FILE = "config.json"
 # --recipe fast: the defaults it brings, chosen by measurement on a validation folder.
+# Its light augmentation matters most: in 25 epochs the blog's heavy one keeps the network
+# from fitting (training accuracy 0.66, validation 0.64; with this one 0.87 and 0.80).
 RECIPES = {"fast": {"epochs": 25, "schedule": "onecycle", "optimizer": "adamw", "lr": 0.003,
-                    "weight_decay": 0.004, "label_smoothing": 0.1, "warmup_epochs": 1.0}}
+                    "weight_decay": 0.004, "label_smoothing": 0.1, "warmup_epochs": 1.0,
+                    "rotation_range": 0.0, "shear_range": 0.0, "zoom_range": 0.1,
+                    "width_shift_range": 0.05, "height_shift_range": 0.05}}
 AT_LEAST_ONE, COUNT, FRACTION = Range(1), Range(0), Range(0, 1, low_open=True, high_open=True)
 # Every numeric setting and the values it allows, flag or config key alike.
 RANGES = {
