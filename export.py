@@ -21,19 +21,19 @@ import shutil
 import sys
 
 import classifier  # noqa: F401  first: it starts TensorFlow quietly, before keras does (cli.py)
-import keras
 import numpy as np
 
-from classifier import artifacts, cli
+from classifier import artifacts, cli, networks
 from classifier.cli import UserError
 
 log = logging.getLogger("export")
 
-# --format: (Keras's export format, default file name, the packages it needs)
+# --format: (Keras's export format, default file name after the network's, the packages it
+# needs)
 FORMATS = {
-    "savedmodel": ("tf_saved_model", "vgg_savedmodel", ()),
-    "tflite": ("litert", "vgg_model.tflite", ()),
-    "onnx": ("onnx", "vgg_model.onnx", ("tf2onnx", "onnx")),
+    "savedmodel": ("tf_saved_model", "{network}_savedmodel", ()),
+    "tflite": ("litert", "{network}_model.tflite", ()),
+    "onnx": ("onnx", "{network}_model.onnx", ("tf2onnx", "onnx")),
 }
 
 
@@ -45,7 +45,8 @@ def build_parser():
     artifacts.add_model_flags(parser)
     parser.add_argument("--output", default=None,
                         help="where to write; none means Output/export/vgg_savedmodel, "
-                             "Output/export/vgg_model.tflite or Output/export/vgg_model.onnx; "
+                             "Output/export/vgg_model.tflite or Output/export/vgg_model.onnx "
+                             "(for another network, its name in place of vgg); "
                              "labels.json is copied beside it")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -59,30 +60,23 @@ def export(args):
             raise UserError(
                 f"--format {args.format} needs the {package} package: "
                 f"pip install -r requirements.txt")
-    model = in_float32(artifacts.load_model(args.model, args.unsafe_model))
+    model = networks.with_dtype_policy(
+        artifacts.load_model(artifacts.model_path(args.model, args.labels), args.unsafe_model),
+        "float32")
     # Keras's ONNX export refuses a model that has never been called since loading.
     model(np.zeros((1, *model.input_shape[1:]), "float32"))
     labels_json = os.path.join(os.path.dirname(args.labels), artifacts.LABELS_JSON)
     if not os.path.isfile(labels_json):
         raise UserError(f"no {labels_json}: export the model of a complete training run")
-    target = args.output or os.path.join(artifacts.OUTPUT, "export", default_name)
+    network = (artifacts.load_info(args.labels) or {}).get("network", networks.DEFAULT)
+    target = args.output or os.path.join(artifacts.OUTPUT, "export",
+                                         default_name.format(network=network))
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
     with artifacts.atomic_path(target) as temporary:
         model.export(temporary, format=keras_format, verbose=False)
     shutil.copyfile(labels_json, os.path.join(folder, artifacts.LABELS_JSON))
     return target
-
-
-def in_float32(model):
-    """model, every layer computing in float32 (the weights of mixed precision are float32
-    already)."""
-    def float32_layer(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    twin = keras.models.clone_model(model, clone_function=float32_layer)
-    twin.set_weights(model.get_weights())
-    return twin
 
 
 def main(argv=None):

@@ -190,11 +190,12 @@ def output_name(path, taken):
 
 def load_trained(args):
     """The model and its class names, checked against each other; whether it is multi-label."""
-    model = artifacts.load_model(args.model, args.unsafe_model)
+    model_path = artifacts.model_path(args.model, args.labels)
+    model = artifacts.load_model(model_path, args.unsafe_model)
     binarizer = artifacts.load_labels(args.labels)
     classes = [str(name) for name in binarizer.classes_]
     if model.output_shape[-1] != len(classes):
-        raise UserError(f"{args.labels} has {len(classes)} classes but {args.model} predicts "
+        raise UserError(f"{args.labels} has {len(classes)} classes but {model_path} predicts "
                         f"{model.output_shape[-1]}: they come from different runs")
     info = artifacts.load_info(args.labels)
     if info and info.get("color_order", images.COLOR_ORDER) != images.COLOR_ORDER:

@@ -1,10 +1,11 @@
-"""Train the blog's VGG-style classifier on a folder of images, one sub-folder per class.
+"""Train the blog's VGG-style classifier, or another network (--model), on a folder of
+images, one sub-folder per class.
 
     python train.py --dataset Dataset
 
 The blog's four steps, top to bottom: load the data, configure the model, train, evaluate
 and save; each a few calls, their details in the modules of classifier/. Leaves in the
-output folder: vgg_model.keras, labels.pickle and .json, checkpoints/, history.csv,
+output folder: vgg_model.keras (<model>_model.keras), labels.pickle and .json, checkpoints/, history.csv,
 config.json, the reports (classification_report.txt and .json, confusion_matrix.png,
 training_plot.png, dataset_overview.png, confident_mistakes.png) and report.html, which
 shows them all; TensorBoard events go to logs/<run name>.
@@ -20,9 +21,9 @@ import classifier  # noqa: F401  first: it starts TensorFlow quietly, before ker
 import keras
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-import vgg
-from classifier import (artifacts, callbacks, cli, dataset, distributed, hardware, pipelines,
-                        reports, schedules, settings)
+from classifier import (artifacts, augmentation, callbacks, cli, dataset, distributed,
+                        fine_tuning, hardware, networks, pipelines, reports, run_folder,
+                        schedules, settings)
 
 log = logging.getLogger("train")
 
@@ -46,22 +47,37 @@ def load_data(args, output):
     return binarizer, classes, splits, data_mode
 
 
-def configure_model(args, classes, strategy, build_model, policy, steps_per_epoch):
-    """2. Configure the model: the augmentation, the network, its loss, metrics and
-    optimizer."""
+def configure_model(args, classes, strategy, policy, weights, build_model):
+    """2. Configure the model: the augmentation, and the network (--model, vgg.py's by
+    default), or the model --init-from names. Returns them, and whether the network got a
+    new output layer on top of pretrained weights."""
     if args.augment != "generator":
-        augmentation = pipelines.augmentation_layers(args, args.seed)
+        augment = augmentation.layers(
+            args.augment, args.seed, args.rotation_range, args.width_shift_range,
+            args.height_shift_range, args.shear_range, args.zoom_range, args.horizontal_flip)
     else:
-        augmentation = ImageDataGenerator(
+        augment = ImageDataGenerator(
             rotation_range=args.rotation_range, width_shift_range=args.width_shift_range,
             height_shift_range=args.height_shift_range, shear_range=args.shear_range,
             zoom_range=args.zoom_range, horizontal_flip=args.horizontal_flip,
             fill_mode="nearest")
     with distributed.model_scope(strategy):
+        if args.init_from:
+            model, new_head = fine_tuning.start_from(args.init_from, classes, args.multi_label,
+                                                     policy)
+            return model, augment, new_head
         with hardware.dtype_policy(policy):  # layers take the dtype policy when built
-            model = build_model((args.image_size, args.image_size, 3), len(classes),
-                                bn_momentum=args.bn_momentum, multi_label=args.multi_label,
+            model = build_model(args.model, (args.image_size, args.image_size, 3), len(classes),
+                                multi_label=args.multi_label, weights=weights,
+                                bn_momentum=args.bn_momentum,
                                 synchronized_bn=strategy.num_replicas_in_sync > 1)
+    return model, augment, True
+
+
+def compile_model(args, model, strategy, lr, epochs, steps_per_epoch):
+    """2. Configure the model: its loss, metrics and optimizer, for epochs epochs at lr (the
+    peak of one cycle with --schedule onecycle)."""
+    with distributed.model_scope(strategy):
         if args.multi_label:
             # Keras would also call this "accuracy"; it is the share of right yes/no label
             # decisions, not of images with every label right (that one is in the report).
@@ -73,24 +89,20 @@ def configure_model(args, classes, strategy, build_model, policy, steps_per_epoc
             loss = loss(label_smoothing=args.label_smoothing)
         else:  # the blog's name of its loss
             loss = "binary_crossentropy" if args.multi_label else "categorical_crossentropy"
-        rate = schedules.learning_rate(args, steps_per_epoch)  # --lr, or one cycle over the run
+        # --lr-find sets the rate itself step by step.
+        rate = schedules.learning_rate("plateau" if args.lr_find else args.schedule, lr, epochs,
+                                       args.warmup_epochs, steps_per_epoch)
         optimizer = (keras.optimizers.AdamW(learning_rate=rate, weight_decay=args.weight_decay)
                      if args.optimizer == "adamw" else keras.optimizers.Adam(learning_rate=rate))
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
-    return model, augmentation
 
 
-def configure_callbacks(args, output, logs, model, extra_callbacks):
-    """2. Configure the model, its callbacks: the blog's, each able to resume (callbacks.py).
-    Returns them, with the TensorBoard run's name and the first epoch to train (after an
-    interrupted run: the next one)."""
-    callbacks.check_free_space(model, args, output)
-    resume = callbacks.resume_point(args, output)
-    run_name, first_epoch = resume or (args.run_name, 0)
-    if resume:
-        log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
-                 run_name, first_epoch)
-    backup = os.path.join(output, callbacks.BACKUP_DIR)
+def configure_callbacks(args, output, logs, run_name, phase, last_phase, append_history,
+                        extra_callbacks):
+    """2. Configure the model, its callbacks for one phase of training: the blog's, each
+    able to resume (callbacks.py); where a phase leads to another, it keeps its last
+    weights for that one."""
+    backup = os.path.join(output, phase.backup)
     return [
         # First, so that the learning rate it sets is the one the loggers and the backup see.
         callbacks.ReduceLROnPlateau(os.path.join(backup, "plateau.json"), monitor="val_loss",
@@ -98,24 +110,27 @@ def configure_callbacks(args, output, logs, model, extra_callbacks):
                                     min_lr=args.min_lr, verbose=1)
         if args.schedule == "plateau" else callbacks.LearningRateLog(),
         callbacks.TerminateOnNaN(),
-        *callbacks.early_stopping(args.early_stopping),
-        callbacks.ModelCheckpoint(os.path.join(output, callbacks.CHECKPOINTS),
+        *(callbacks.early_stopping(args.early_stopping) if last_phase else []),
+        callbacks.ModelCheckpoint(os.path.join(output, run_folder.CHECKPOINTS), args.model,
                                   every=args.checkpoint_every, keep=args.keep_checkpoints,
                                   monitor="val_loss", save_best_only=args.checkpoint_best_only),
         keras.callbacks.TensorBoard(log_dir=os.path.join(logs, run_name)),
-        keras.callbacks.CSVLogger(os.path.join(output, callbacks.HISTORY_FILE),
-                                  append=bool(resume)),
+        keras.callbacks.CSVLogger(os.path.join(output, run_folder.HISTORY_FILE),
+                                  append=append_history),
         *extra_callbacks,
+        *([] if last_phase else [callbacks.SaveWeightsAtEnd(
+            os.path.join(output, run_folder.HEAD_WEIGHTS))]),
         # Last: the backup of an epoch is complete only once everything above has run.
-        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
-    ], run_name, first_epoch
+        callbacks.BackupAndRestore(backup, double_checkpoint=True),
+    ]
 
 
 def record(args, output, logs, run_name, binarizer, splits, summary, class_weight):
     """Before training: what predict.py needs beside the model, and what this run is."""
     log.info("images %s, %s precision", "in memory" if summary.data_mode == "memory"
              else f"streamed from {args.cache_dir}", summary.precision)
-    artifacts.save_labels(binarizer, output, args.image_size)
+    artifacts.save_labels(binarizer, output, args.image_size, args.model,
+                          started_from=args.init_from or args.weights)
     reports.save_overview(summary.classes, splits.train, splits.test,
                           splits.validation if splits.has_validation_folder else None, output)
     settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
@@ -126,22 +141,42 @@ def record(args, output, logs, run_name, binarizer, splits, summary, class_weigh
                           class_weights=class_weight)
 
 
-def train_model(args, strategy, model, augmentation, splits, class_weight, first_epoch,
-                callback_list):
-    """3. Train: model.fit, whatever the strategy. Returns the seconds it took, and the exit
-    code of what stopped it early (Ctrl-C 130, SIGTERM 143), or 0."""
+def train_model(args, output, logs, run_name, strategy, model, augment, splits, class_weight,
+                phases, first_epoch, extra_callbacks):
+    """3. Train: model.fit, phase by phase from first_epoch. Returns the seconds it took, and
+    the exit code of what stopped it early (Ctrl-C 130, SIGTERM 143), or 0."""
     training = functools.partial(pipelines.training_batches, splits.train.x, splits.train.y,
-                                 args.batch_size, augmentation, args.seed,
-                                 mix=pipelines.mixing(args.mix, args.seed))
+                                 args.batch_size, augment, args.seed,
+                                 mix=augmentation.mixing(args.mix, args.seed))
     validation = functools.partial(pipelines.batches, splits.validation.x, splits.validation.y,
                                    args.batch_size)
+    steps = pipelines.steps_per_epoch(len(splits.train.x), args.batch_size)
     started = time.perf_counter()
     try:
-        distributed.fit(strategy, model, training,
-                        pipelines.steps_per_epoch(len(splits.train.x), args.batch_size),
-                        validation=validation, epochs=args.epochs, first_epoch=first_epoch,
-                        class_weight=class_weight, callbacks=callback_list,
-                        verbose=1 if sys.stdout.isatty() else 2)  # a bar, or a line per epoch
+        for phase in (phase for phase in phases if phase.end > first_epoch):
+            fine_tuning.set_trainable(model, phase.trains)
+            if phase.start == first_epoch > 0 and phase is not phases[0]:
+                fine_tuning.restore_head_phase(model, output)
+            if phase.name != "train":
+                log.info("%s: epochs %d to %d at --lr %g, training %d weights", phase.name,
+                         phase.start + 1, phase.end, phase.lr, fine_tuning.trainable_count(model))
+            compile_model(args, model, strategy, phase.lr, phase.epochs, steps)
+            callback_list = configure_callbacks(
+                args, output, logs, run_name, phase, phase is phases[-1],
+                append_history=max(first_epoch, phase.start) > 0,
+                extra_callbacks=extra_callbacks)
+            start = max(first_epoch, phase.start)
+            if distributed.is_multi_worker(strategy):
+                distributed.fit(strategy, model, training, steps, validation, phase.end, start,
+                                class_weight, callback_list, verbose=2)
+            else:
+                # shuffle=False: the pipeline reshuffles itself each epoch.
+                model.fit(training(start), steps_per_epoch=steps, validation_data=validation(),
+                          initial_epoch=start, epochs=phase.end, shuffle=False,
+                          class_weight=class_weight, callbacks=callback_list,
+                          verbose=1 if sys.stdout.isatty() else 2)  # a bar, or a line an epoch
+            if model.stop_training:  # early stopping, or a NaN loss
+                break
     except KeyboardInterrupt as interruption:
         log.warning("interrupted: saving the model and reports of the epochs done; run the "
                     "same command again to resume from the last completed epoch")
@@ -152,13 +187,13 @@ def train_model(args, strategy, model, augmentation, splits, class_weight, first
 def evaluate_and_save(args, output, model, classes, splits, summary):
     """4. Evaluate and save: the model, the report on the test split, the plots, report.html;
     summary gets the test accuracy and the model's path."""
-    summary.model = artifacts.save_model(model, output)
+    summary.model = artifacts.save_model(model, output, args.model)
     evaluation = reports.evaluate(
         model, pipelines.batches(splits.test.x, splits.test.y, args.batch_size), splits.test.y,
         args.multi_label, args.threshold, args.tta)
     text, scores, summary.test_accuracy = reports.save_test_reports(
         evaluation, splits.test.x, classes, output)
-    history = callbacks.read_history(output)
+    history = run_folder.read_history(output)
     if history:
         reports.save_training_plot(history, output)
     reports.write_html(output, summary.facts(), scores)
@@ -166,40 +201,54 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
     print(f"report: {os.path.join(output, reports.HTML)}")
 
 
-def find_learning_rate(args, output, model, augmentation, splits):
-    """--lr-find instead of steps 3 and 4: the range test on the model as configured; it
-    saves lr_find.png and nothing else. Returns the suggested learning rate."""
+def find_learning_rate(args, output, strategy, model, augment, splits, phase):
+    """--lr-find instead of steps 3 and 4: the range test on the model as configured for its
+    first phase of training; it saves lr_find.png and nothing else. Returns the suggested
+    learning rate."""
+    fine_tuning.set_trainable(model, phase.trains)
+    compile_model(args, model, strategy, phase.lr, phase.epochs, steps_per_epoch=1)
     test = schedules.range_test(model, pipelines.training_batches(
-        splits.train.x, splits.train.y, args.batch_size, augmentation, args.seed,
-        mix=pipelines.mixing(args.mix, args.seed)))
+        splits.train.x, splits.train.y, args.batch_size, augment, args.seed,
+        mix=augmentation.mixing(args.mix, args.seed)))
     print(f"learning-rate range test: {len(test.rates)} steps, plot: "
           f"{schedules.save_range_test(test, output)}")
     print(f"suggested learning rate: --lr {test.suggestion():.2g}")
     return test.suggestion()
 
 
-def run(args, extra_callbacks=(), build_model=vgg.build_vgg, policy=None):
+def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
     """The four steps; returns the run's reports.RunSummary. extra_callbacks go to fit
-    (before the backup); build_model builds the network like vgg.build_vgg; policy, a Keras
+    (before the backup); build_model builds the network like networks.create; policy, a Keras
     dtype policy, overrides the one --precision chooses."""
     strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
                                            args.worker_index)
+    # Before any image is loaded or file written: a missing weights file is one line, at once.
+    weights = networks.resolve_weights(args.model, args.weights)
+    if distributed.is_multi_worker(strategy) and (weights or args.init_from):
+        raise cli.UserError("fine-tuning pretrained weights runs on one machine: train "
+                            "several workers with --weights none")
     output, logs = distributed.folders(strategy, args.output, args.logs)
-    with callbacks.output_lock(output):  # one run per output folder, from before it reads
-        callbacks.prepare_folders(output, logs)
+    with run_folder.output_lock(output):  # one run per output folder, from before it reads
+        run_folder.prepare_folders(output, logs)
         keras.utils.set_random_seed(args.seed)
 
         binarizer, classes, splits, data_mode = load_data(args, output)
 
         policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
                                                      hardware.cpu_flags())
-        model, augmentation = configure_model(
-            args, classes, strategy, build_model, policy,
-            pipelines.steps_per_epoch(len(splits.train.x), args.batch_size))
+        model, augment, new_head = configure_model(args, classes, strategy, policy, weights,
+                                                   build_model)
+        phases = fine_tuning.plan(bool(weights or args.init_from), new_head, args.epochs,
+                                  args.head_epochs, args.lr, args.fine_tune_lr)
         if args.lr_find:
-            return find_learning_rate(args, output, model, augmentation, splits)
-        callback_list, run_name, first_epoch = configure_callbacks(args, output, logs, model,
-                                                                   extra_callbacks)
+            return find_learning_rate(args, output, strategy, model, augment, splits, phases[0])
+        run_folder.check_free_space(model, output, args.epochs, args.keep_checkpoints)
+        resume = run_folder.resume_point(run_folder.resume_settings(args), args.run_name,
+                                         args.fresh, output, fine_tuning.head_epochs(phases))
+        run_name, first_epoch = resume or (args.run_name, 0)
+        if resume:
+            log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
+                     run_name, first_epoch)
         class_weight = (dataset.class_weights(splits.train.y, classes)
                         if args.class_weight == "balanced" else None)
         summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes,
@@ -207,10 +256,10 @@ def run(args, extra_callbacks=(), build_model=vgg.build_vgg, policy=None):
         record(args, output, logs, run_name, binarizer, splits, summary, class_weight)
 
         summary.seconds, summary.interrupted = train_model(
-            args, strategy, model, augmentation, splits, class_weight, first_epoch,
-            callback_list)
-        history = callbacks.read_history(output)
-        callbacks.raise_if_diverged(history, output, args.lr)
+            args, output, logs, run_name, strategy, model, augment, splits, class_weight,
+            phases, first_epoch, extra_callbacks)
+        history = run_folder.read_history(output)
+        run_folder.raise_if_diverged(history, output, args.lr)
         summary.epochs_run = len(history.get("loss", []))
         log.info("trained %d epochs in %.1f s", summary.epochs_run, summary.seconds)
 

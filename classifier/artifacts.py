@@ -14,6 +14,7 @@ Everything a run or an export writes goes through atomic_path, files and folders
 import io
 import json
 import os
+import pathlib
 import pickle
 import shutil
 import uuid
@@ -27,7 +28,7 @@ from classifier.cli import UserError
 from classifier.images import COLOR_ORDER
 
 OUTPUT = "Output"
-MODEL_FILE = "vgg_model.keras"
+MODEL_FILE = "vgg_model.keras"  # the blog's network's; others: <network>_model.keras
 LABELS_FILE = "labels.pickle"
 LABELS_JSON = "labels.json"
 
@@ -43,8 +44,10 @@ _ALLOWED_PICKLE_GLOBALS = {
 
 def add_model_flags(parser):
     """The flags of a script that reads a trained model: --model, --labels, --unsafe-model."""
-    parser.add_argument("--model", default=os.path.join(OUTPUT, MODEL_FILE),
-                        help="the trained model")
+    parser.add_argument("--model", default=None,
+                        help=f"the trained model; none means the one named in {LABELS_JSON} "
+                             f"beside --labels ({os.path.join(OUTPUT, MODEL_FILE)} for the "
+                             "blog's network)")
     parser.add_argument("--labels", default=os.path.join(OUTPUT, LABELS_FILE),
                         help=f"its labels; {LABELS_JSON} is read from beside it")
     parser.add_argument("--unsafe-model", action="store_true",
@@ -59,8 +62,10 @@ def atomic_path(path):
     interrupted run never leaves a half-written file or folder for a later one to load.
     When the block writes nothing, path stays as it was."""
     folder, name = os.path.split(os.path.abspath(path))
-    # The suffix stays: Keras and the exporters choose the format by it.
-    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}{os.path.splitext(name)[1]}")
+    # The suffix stays: Keras and the exporters choose the format by it (two of them, for
+    # Keras's .weights.h5).
+    suffix = "".join(pathlib.PurePath(name).suffixes[-2:])
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}{suffix}")
     try:
         yield temporary
         if os.path.isdir(temporary) and os.path.isdir(path):
@@ -106,15 +111,29 @@ def is_multi_label(binarizer):
     return isinstance(binarizer, MultiLabelBinarizer)
 
 
-def save_model(model, output_dir):
+def model_file(network):
+    return f"{network}_model.keras"
+
+
+def model_path(model, labels):
+    """--model, or where none is given, the model of the run that wrote --labels."""
+    if model:
+        return model
+    info = load_info(labels) or {}
+    return os.path.join(os.path.dirname(labels), info.get("model_file", MODEL_FILE))
+
+
+def save_model(model, output_dir, network):
     """The final model, as the blog saves it, in Keras's own format; returns its path."""
-    path = os.path.join(output_dir, MODEL_FILE)
+    path = os.path.join(output_dir, model_file(network))
     with atomic_path(path) as temporary:
         model.save(temporary)
     return path
 
 
-def save_labels(binarizer, output_dir, image_size):
+def save_labels(binarizer, output_dir, image_size, network, started_from="none"):
+    """labels.pickle and labels.json; started_from: the weights the network started from
+    (none, imagenet, a weights file) or the --init-from model."""
     with atomic_path(os.path.join(output_dir, LABELS_FILE)) as temporary:
         with open(temporary, "wb") as handle:
             pickle.dump(binarizer, handle)
@@ -123,6 +142,9 @@ def save_labels(binarizer, output_dir, image_size):
         "image_size": image_size,
         "color_order": COLOR_ORDER,
         "multi_label": is_multi_label(binarizer),
+        "network": network,
+        "model_file": model_file(network),
+        "started_from": started_from,
     }
     write_json(os.path.join(output_dir, LABELS_JSON), info)
 

@@ -1,7 +1,7 @@
 """Training on several GPUs and on several machines, with TensorFlow's tf.distribute.
 
-fit() below is Keras's model.fit on one device, and on one machine with several GPUs, which
-train under MirroredStrategy. Several machines train under MultiWorkerMirroredStrategy, which
+One device, and one machine with several GPUs (MirroredStrategy), train with Keras's
+model.fit (train.py). Several machines train under MultiWorkerMirroredStrategy, which
 Keras 3's fit cannot drive (it fails converting PerReplica values: keras-team/keras#20585).
 For those, fit() runs the epochs the way Keras's fit does: the same callbacks, through
 keras.callbacks.CallbackList, get the same logs, reduced over all the workers, so every
@@ -138,23 +138,16 @@ def model_scope(strategy):
 def fit(strategy, model, training, steps_per_epoch, validation, epochs, first_epoch,
         class_weight, callbacks, verbose):
     """Keras's model.fit(training batches, steps_per_epoch, validation_data, epochs,
-    class_weight, callbacks, verbose) under any strategy, from first_epoch on (after a resume:
-    the chief's).
+    initial_epoch=first_epoch, class_weight, callbacks, verbose) for a
+    MultiWorkerMirroredStrategy, from first_epoch on (after a resume: the chief's).
 
     training(first_epoch, shard) and validation(shard) give shard's part of each global batch
-    (pipelines.shard_part; shard (0, 1) is the whole batch). On one machine that is model.fit
-    itself. For a MultiWorkerMirroredStrategy, model is compiled outside the strategy's scope
-    (see model_scope); a copy in the scope trains, and model gets its weights and optimizer
-    state back at the end, also after an interruption. The chief's callbacks restore a
-    backup; every worker then takes the chief's weights, optimizer state, first epoch and
-    ReduceLROnPlateau patience count.
+    (pipelines.shard_part). model is compiled outside the strategy's scope (see model_scope);
+    a copy in the scope trains, and model gets its weights and optimizer state back at the
+    end, also after an interruption. The chief's callbacks restore a backup; every worker then
+    takes the chief's weights, optimizer state, first epoch and ReduceLROnPlateau patience
+    count.
     """
-    if not is_multi_worker(strategy):
-        # shuffle=False: the pipeline reshuffles itself each epoch.
-        model.fit(training(first_epoch), steps_per_epoch=steps_per_epoch,
-                  validation_data=validation(), epochs=epochs, shuffle=False,
-                  class_weight=class_weight, callbacks=callbacks, verbose=verbose)
-        return
     try:
         with strategy.scope():
             twin = keras.models.clone_model(model)

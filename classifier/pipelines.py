@@ -1,5 +1,5 @@
-"""The input pipelines: batches for fit, evaluate and predict, with the augmentation, and each
-replica's part of a batch when several train.
+"""The input pipelines: batches for fit, evaluate and predict, with the augmentation
+(augmentation.py) applied, and each replica's part of a batch when several train.
 
 Only positions travel through tf.data; each batch is gathered from the uint8 images (in
 memory, or image_cache.ImageRows still on disk) in parallel map calls, so the next batches
@@ -8,14 +8,12 @@ are ready while one trains, and only the batches in flight are held as float32.
 
 import functools
 import math
-import threading
 
-import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-_transform_lock = threading.Lock()
+from classifier.augmentation import random_transform
 
 
 def steps_per_epoch(count, batch_size):
@@ -67,7 +65,7 @@ def training_batches(x, y, batch_size, augmentation, seed, first_epoch=0, shard=
     resumed at epoch e sees the batches the uninterrupted run would have seen, not a replay
     of the first epochs, and a shard's images get the transforms they get in the whole batch.
     Keras's PyDataset would copy each batch through a Python generator: slower. mix, a
-    Keras MixUp or CutMix layer (mixing), blends the augmented batches.
+    Keras MixUp or CutMix layer (augmentation.mixing), blends the augmented batches.
     """
     steps = steps_per_epoch(len(x), batch_size)
     generator = augmentation if isinstance(augmentation, ImageDataGenerator) else None
@@ -108,12 +106,6 @@ def _mixed(mix, images, targets):
     return mixed["images"], mixed["labels"]
 
 
-def mixing(kind, seed):
-    """--mix: Keras's MixUp or CutMix layer, or None."""
-    layers = {"mixup": keras.layers.MixUp, "cutmix": keras.layers.CutMix}
-    return layers[kind](seed=seed, dtype="float32") if kind in layers else None
-
-
 def _pipeline(positions, make_batch, x, y, weighted):
     """make_batch(position) gives (images, targets, weights); the weights travel on only
     when weighted."""
@@ -127,47 +119,3 @@ def _pipeline(positions, make_batch, x, y, weighted):
 
     return positions.map(tf_make_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE)
-
-
-def augmentation_layers(args, seed):
-    """ImageDataGenerator's transforms with the same parameters, as Keras layers, or with
-    --augment randaugment Keras's RandAugment; then the flip (None when every transform is
-    switched off)."""
-    def options(offset):
-        # float32 even under mixed precision: these run in tf.data, before the model casts.
-        return {"fill_mode": "nearest", "seed": seed + offset, "dtype": "float32"}
-
-    if args.augment == "randaugment":
-        chosen = [keras.layers.RandAugment(value_range=(0, 255), seed=seed, dtype="float32")]
-    else:
-        chosen = _generator_layers(args, options)
-    if args.horizontal_flip:
-        chosen.append(keras.layers.RandomFlip("horizontal", seed=seed + 5, dtype="float32"))
-    return keras.Sequential(chosen, name="augmentation") if chosen else None
-
-
-def _generator_layers(args, options):
-    chosen = []
-    if args.rotation_range:
-        # RandomRotation's factor is a fraction of a full turn.
-        chosen.append(keras.layers.RandomRotation(args.rotation_range / 360, **options(1)))
-    if args.width_shift_range or args.height_shift_range:
-        chosen.append(keras.layers.RandomTranslation(
-            args.height_shift_range, args.width_shift_range, **options(2)))
-    if args.shear_range:
-        # ImageDataGenerator's shear_range is an angle in degrees; RandomShear wants the
-        # horizontal displacement per unit of height, tan(angle), sampled in [-f, f].
-        chosen.append(keras.layers.RandomShear(
-            x_factor=math.tan(math.radians(args.shear_range)), **options(3)))
-    if args.zoom_range:
-        # Like ImageDataGenerator, each axis is zoomed in or out by up to zoom_range on its own.
-        zoom = (-args.zoom_range, args.zoom_range)
-        chosen.append(keras.layers.RandomZoom(zoom, zoom, **options(4)))
-    return chosen
-
-
-def random_transform(generator, image, seed):
-    """ImageDataGenerator.random_transform, reproducible from seed even in parallel threads."""
-    with _transform_lock:  # get_random_transform seeds NumPy's global generator
-        params = generator.get_random_transform(image.shape, seed=seed)
-    return generator.apply_transform(image, params)

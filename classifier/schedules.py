@@ -24,16 +24,16 @@ PLOT = "lr_find.png"
 SKIPPED = 10
 
 
-def learning_rate(args, steps_per_epoch):
-    """What the optimizer is given: --lr, or the one-cycle schedule over the whole run (not
-    for --lr-find, which sets the rate itself step by step)."""
-    if args.schedule == "plateau" or args.lr_find:
-        return args.lr
-    total = args.epochs * steps_per_epoch
-    warmup = min(round(args.warmup_epochs * steps_per_epoch), total - 1)
+def learning_rate(schedule, lr, epochs, warmup_epochs, steps_per_epoch):
+    """What the optimizer is given for epochs epochs: lr (schedule "plateau"), or the one
+    cycle (schedule "onecycle") that peaks at lr over those epochs."""
+    if schedule == "plateau":
+        return lr
+    total = epochs * steps_per_epoch
+    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=args.lr * WARMUP_START, decay_steps=total - warmup, alpha=0.0,
-        warmup_target=args.lr, warmup_steps=warmup)
+        initial_learning_rate=lr * WARMUP_START, decay_steps=total - warmup, alpha=0.0,
+        warmup_target=lr, warmup_steps=warmup)
 
 
 @dataclass

@@ -9,22 +9,20 @@ import time
 import keras
 import yaml
 
-from classifier import artifacts, distributed, hardware, images, inference
+from classifier import artifacts, augmentation, distributed, hardware, images, inference, networks
 from classifier.cli import Range, UserError, check_ranges
 
 CONFIG_FILE = "config.json"
-# --recipe fast: the defaults it brings, chosen by measurement on a validation folder.
-# Its light augmentation matters most: in 25 epochs the blog's heavy one keeps the network
-# from fitting (training accuracy 0.66, validation 0.64; with this one 0.87 and 0.80).
+# --recipe fast: the defaults it brings, chosen by measurement on a validation folder; its
+# augmentation is augmentation.RECIPES["fast"].
 RECIPES = {"fast": {"epochs": 25, "schedule": "onecycle", "optimizer": "adamw", "lr": 0.003,
                     "weight_decay": 0.004, "label_smoothing": 0.1, "warmup_epochs": 1.0,
-                    "rotation_range": 0.0, "shear_range": 0.0, "zoom_range": 0.1,
-                    "width_shift_range": 0.05, "height_shift_range": 0.05}}
+                    **augmentation.RECIPES["fast"]}}
 AT_LEAST_ONE, COUNT, FRACTION = Range(1), Range(0), Range(0, 1, low_open=True, high_open=True)
 # Every numeric setting and the values it allows, flag or config key alike.
 RANGES = {
     "test_size": FRACTION, "threshold": FRACTION,
-    "image_size": Range(16, 1024, why="the network halves it 4 times"),
+    "image_size": Range(16, 1024, why="the networks take 16 (vgg) or 32 at the least"),
     "max_pixels": AT_LEAST_ONE, "workers": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE,
     "lr": Range(0, low_open=True), "min_lr": COUNT,
@@ -37,18 +35,21 @@ RANGES = {
     "zoom_range": Range(0, 1, high_open=True),
     "warmup_epochs": Range(0), "weight_decay": Range(0),
     "label_smoothing": Range(0, 1, high_open=True),
+    "head_epochs": COUNT, "fine_tune_lr": Range(0, low_open=True),
 }
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Train the small VGG network on a folder of images, one sub-folder per class.",
+        description="Train an image classifier, the blog's small VGG network by default, on a "
+                    "folder of images, one sub-folder per class.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="JSON or YAML file whose keys are flags (epochs, batch_size, ...); "
                              "flags given on the command line win")
-    for add_group in (_data_flags, _labelling_flags, _model_flags, _augmentation_flags,
-                      _schedule_flags, _checkpoint_flags, _cluster_flags, _output_flags):
+    for add_group in (_data_flags, _labelling_flags, _model_flags, _fine_tuning_flags,
+                      _augmentation_flags, _schedule_flags, _checkpoint_flags, _cluster_flags,
+                      _output_flags):
         add_group(parser)
     return parser
 
@@ -104,6 +105,20 @@ def _labelling_flags(parser):
 
 def _model_flags(parser):
     group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=networks.REGISTRY, default=networks.DEFAULT,
+                       help="the network: vgg, the blog's small VGG; or from keras.applications "
+                            + ", ".join(f"{network.name} (at least {network.min_size} px, made "
+                                        f"for {network.recommended_size})"
+                                        for network in networks.REGISTRY.values()
+                                        if network.imagenet))
+    group.add_argument("--weights", default=None, metavar="imagenet|none|PATH",
+                       help="the network's starting weights: imagenet (Keras's download and "
+                            "cache, KERAS_HOME or ~/.keras/models), none (random), or a "
+                            "keras.applications weights file; none means imagenet for the "
+                            "keras.applications networks, none for vgg")
+    group.add_argument("--init-from", default=None, metavar="MODEL.keras",
+                       help="start from a model trained here before: its network and weights, "
+                            "with a new output layer when the classes differ")
     group.add_argument("--bn-momentum", type=float, default=0.9,
                        help="BatchNormalization momentum (the blog's Keras default was 0.99)")
     group.add_argument("--precision", choices=("auto", *hardware.POLICIES), default="auto",
@@ -111,6 +126,18 @@ def _model_flags(parser):
                             "picks bfloat16 on CPUs with native bf16 (AVX512_BF16, AMX) and "
                             "GPUs of compute capability 8+, float16 on 7.x GPUs, float32 "
                             "otherwise")
+
+
+def _fine_tuning_flags(parser):
+    group = parser.add_argument_group(
+        "fine-tuning (with pretrained weights: --weights imagenet or PATH, --init-from)")
+    group.add_argument("--head-epochs", type=int, default=5,
+                       help="first train only the new output layer, the rest frozen, for this "
+                            "many epochs at --lr; the remaining epochs train the whole network "
+                            "(BatchNormalization kept in inference mode) at --fine-tune-lr")
+    group.add_argument("--fine-tune-lr", type=float, default=None,
+                       help="the learning rate (peak, with --schedule onecycle) of the "
+                            "fine-tuning epochs; none means --lr / 10")
 
 
 def _augmentation_flags(parser):
@@ -207,7 +234,7 @@ def _output_flags(parser):
                        help="folder for the model, labels and reports")
     group.add_argument("--logs", default="logs", help="folder for TensorBoard runs")
     group.add_argument("--run-name", default=None,
-                       help="TensorBoard run name; none means vgg-<date>-<time>")
+                       help="TensorBoard run name; none means <model>-<date>-<time>")
     inference.add_tta_flag(group)  # for the test report
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -225,9 +252,16 @@ def parse_args(argv):
     if args.recipe != "blog":
         parser.set_defaults(**RECIPES[args.recipe])
         args = parser.parse_args(flags)
+    if args.init_from:
+        args.model = network_to_init_from(args, explicit="--model" in flags or any(
+            flag.startswith("--model=") for flag in flags))
     check(args)
+    if args.weights is None:
+        args.weights = "none" if args.init_from else networks.get(args.model).default_weights
+    if args.fine_tune_lr is None:
+        args.fine_tune_lr = args.lr / 10
     if args.run_name is None:
-        args.run_name = time.strftime("vgg-%Y%m%d-%H%M%S")
+        args.run_name = time.strftime(f"{args.model}-%Y%m%d-%H%M%S")
     if args.cache_dir is None:
         args.cache_dir = os.path.join(args.output, "cache")
     if args.labels_csv:
@@ -235,9 +269,28 @@ def parse_args(argv):
     return args
 
 
+def network_to_init_from(args, explicit):
+    """The network of the --init-from model (its labels.json says), checked against --model
+    (when explicit) and --image-size."""
+    if not os.path.isfile(args.init_from):
+        raise UserError(f"--init-from {args.init_from}: no such file")
+    info = artifacts.load_info(args.init_from) or {}
+    network = info.get("network", networks.DEFAULT)
+    if explicit and args.model != network:
+        raise UserError(f"--init-from {args.init_from} is a {network} model: drop --model "
+                        f"{args.model}")
+    if info.get("image_size", args.image_size) != args.image_size:
+        raise UserError(f"--init-from {args.init_from} was trained on {info['image_size']} px "
+                        f"images: pass --image-size {info['image_size']}")
+    return network
+
+
 def check(args):
     """Refuse, before anything is loaded, settings that cannot work together or at all."""
     check_ranges(args, RANGES)
+    networks.check_image_size(args.model, args.image_size)
+    if args.init_from and args.weights is not None:
+        raise UserError("--init-from brings its own weights: drop --weights")
     if args.no_cache and args.data_mode == "stream":
         raise UserError("--data-mode stream reads batches from the cache: drop --no-cache")
     if args.warmup_epochs >= args.epochs and args.schedule == "onecycle":

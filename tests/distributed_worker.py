@@ -24,7 +24,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-import vgg  # noqa: E402
+from classifier import networks  # noqa: E402
 
 
 class SaveState(keras.callbacks.Callback):
@@ -47,7 +47,7 @@ class SaveState(keras.callbacks.Callback):
 
 
 def build_without_dropout(*args, **kwargs):
-    model = vgg.build_vgg(*args, **kwargs)
+    model = networks.create(*args, **kwargs)
     for layer in model.layers:
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0

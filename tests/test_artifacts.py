@@ -26,12 +26,14 @@ def test_eight_classes_get_eight_columns():
 
 def test_labels_round_trip_with_a_json_twin(tmp_path):
     binarizer, _ = artifacts.fit_binarizer(["b", "a", "c"])
-    artifacts.save_labels(binarizer, str(tmp_path), image_size=48)
+    artifacts.save_labels(binarizer, str(tmp_path), image_size=48, network="mobilenet_v3_small",
+                          started_from="imagenet")
     loaded = artifacts.load_labels(str(tmp_path / artifacts.LABELS_FILE))
     assert list(loaded.classes_) == ["a", "b", "c"]
     info = json.loads((tmp_path / artifacts.LABELS_JSON).read_text())
     assert info == {"classes": ["a", "b", "c"], "image_size": 48, "color_order": "RGB",
-                    "multi_label": False}
+                    "multi_label": False, "network": "mobilenet_v3_small",
+                    "model_file": "mobilenet_v3_small_model.keras", "started_from": "imagenet"}
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]
 
 

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from classifier import callbacks
+from classifier import callbacks, run_folder
 
 
 def tiny_model():
@@ -18,7 +18,7 @@ def tiny_model():
 
 
 def checkpoint(folder, **options):
-    saver = callbacks.ModelCheckpoint(str(folder), **options)
+    saver = callbacks.ModelCheckpoint(str(folder), "vgg", **options)
     saver.set_model(tiny_model())
     saver.on_train_begin()
     return saver
@@ -47,7 +47,7 @@ def test_reduce_lr_on_plateau_resumes_its_patience_count(tmp_path):
 def test_a_history_line_cut_short_by_a_crash_is_ignored(tmp_path):
     (tmp_path / "history.csv").write_text(
         "epoch,loss,val_loss\n0,1.5,1.6\n1,1.2,1.3\n1,1.1,1.2\n2,0.9")
-    history = callbacks.read_history(str(tmp_path))
+    history = run_folder.read_history(str(tmp_path))
     assert history == {"epoch": [0.0, 1.0], "loss": [1.5, 1.1], "val_loss": [1.6, 1.2]}
 
 
@@ -83,8 +83,8 @@ def test_checkpoints_appear_only_when_complete(tmp_path, monkeypatch):
 
 
 def test_a_diverged_run_drops_its_backup_and_says_what_to_do(tmp_path):
-    (tmp_path / callbacks.BACKUP_DIR).mkdir()
-    callbacks.raise_if_diverged({"loss": [1.0, 0.5]}, str(tmp_path), 0.1)  # finite: no error
-    with pytest.raises(callbacks.TrainingDiverged, match="lower learning rate than --lr 0.1"):
-        callbacks.raise_if_diverged({"loss": [1.0, np.nan]}, str(tmp_path), 0.1)
-    assert not (tmp_path / callbacks.BACKUP_DIR).exists()
+    (tmp_path / run_folder.BACKUP_DIR).mkdir()
+    run_folder.raise_if_diverged({"loss": [1.0, 0.5]}, str(tmp_path), 0.1)  # finite: no error
+    with pytest.raises(run_folder.TrainingDiverged, match="lower learning rate than --lr 0.1"):
+        run_folder.raise_if_diverged({"loss": [1.0, np.nan]}, str(tmp_path), 0.1)
+    assert not (tmp_path / run_folder.BACKUP_DIR).exists()

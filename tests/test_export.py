@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import export
 import main
-from classifier import images
+from classifier import images, networks
 
 
 def sample_pixels(trained_run, size):
@@ -55,7 +55,7 @@ def test_exported_model_matches_the_keras_model(trained_run, tmp_path, kind, run
     model = keras.models.load_model(model_path)
     pixels = sample_pixels(trained_run, model.input_shape[1])
     # The export computes in float32 (the converters refuse mixed precision): so does this.
-    expected = export.in_float32(model).predict(pixels, verbose=0)
+    expected = networks.with_dtype_policy(model, "float32").predict(pixels, verbose=0)
     exported = runner(target, pixels)
     assert exported.shape == expected.shape == (len(pixels), len(labels["classes"]))
     np.testing.assert_allclose(exported, expected, atol=1e-4)

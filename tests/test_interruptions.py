@@ -16,7 +16,7 @@ import pytest
 
 import predict
 import train
-from classifier import callbacks, settings
+from classifier import run_folder, settings
 from conftest import ROOT, TINY_FLAGS, write_image
 
 
@@ -85,7 +85,7 @@ def test_resuming_with_other_settings_is_refused(demo_dataset, tmp_path, caplog)
     args = ["--dataset", demo_dataset, "--output", str(tmp_path / "Output"),
             "--logs", str(tmp_path / "logs"), *TINY_FLAGS]
     os.makedirs(tmp_path / "Output" / "backup")
-    resumed = callbacks.resume_settings(settings.parse_args(args))
+    resumed = run_folder.resume_settings(settings.parse_args(args))
     json.dump({"settings": dict(resumed, lr=0.1), "run_name": "old"},
               open(tmp_path / "Output" / "backup" / "run.json", "w"))
     assert train.main(args) == 2

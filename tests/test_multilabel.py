@@ -50,7 +50,7 @@ def test_outputs_are_independent_sigmoids_trained_with_binary_cross_entropy(mult
     model = artifacts.load_model(os.path.join(multi_label_run["output"], artifacts.MODEL_FILE))
     assert model.get_layer("probabilities").get_config()["activation"] == "sigmoid"
     assert model.loss == "binary_crossentropy"
-    history = callbacks.read_history(multi_label_run["output"])
+    history = run_folder.read_history(multi_label_run["output"])
     assert len(history["binary_accuracy"]) == 2 and "val_binary_accuracy" in history
 
 

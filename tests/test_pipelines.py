@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-from classifier import dataset, image_cache, pipelines, settings
+from classifier import augmentation, dataset, image_cache, pipelines
 from conftest import numbered_images, write_image
 
 
@@ -120,27 +120,23 @@ def test_streaming_and_in_memory_give_the_same_batches(tmp_path):
 
 
 def test_layer_augmentation_uses_the_generator_parameters():
-    args = settings.parse_args(["--rotation-range", "45", "--shear-range", "10",
-                                "--zoom-range", "0.2", "--width-shift-range", "0.1"])
-    augmentation = pipelines.augmentation_layers(args, seed=0)
-    found = {type(layer).__name__: layer for layer in augmentation.layers}
+    augment = augmentation.layers("layers", 0, rotation_range=45, width_shift_range=0.1,
+                                  height_shift_range=0.1, shear_range=10, zoom_range=0.2,
+                                  horizontal_flip=True)
+    found = {type(layer).__name__: layer for layer in augment.layers}
     assert found["RandomRotation"].factor == pytest.approx((-45 / 360, 45 / 360))
     assert found["RandomShear"].x_factor == pytest.approx(
         (-math.tan(math.radians(10)), math.tan(math.radians(10))))
     assert found["RandomZoom"].height_factor == found["RandomZoom"].width_factor == (-0.2, 0.2)
     assert found["RandomFlip"].mode == "horizontal"
-    off = settings.parse_args(["--rotation-range", "0", "--shear-range", "0", "--zoom-range",
-                               "0", "--width-shift-range", "0", "--height-shift-range", "0",
-                               "--no-horizontal-flip"])
-    assert pipelines.augmentation_layers(off, seed=0) is None
+    assert augmentation.layers("layers", 0, 0, 0, 0, 0, 0, horizontal_flip=False) is None
 
 
 def test_layer_augmentation_changes_each_image_differently():
-    args = settings.parse_args([])
     pattern = np.tile((np.arange(16 * 16 * 3).reshape(1, 16, 16, 3) % 251).astype(np.uint8),
                       (4, 1, 1, 1))
     batch_x, _ = next(iter(pipelines.training_batches(
-        pattern, np.eye(4, dtype=np.float32), 4, pipelines.augmentation_layers(args, 0),
+        pattern, np.eye(4, dtype=np.float32), 4, augmentation.layers("layers", 0, 45, 0.1, 0.1, 0.2, 0.2, True),
         seed=0)))
     batch_x = batch_x.numpy()
     assert batch_x.dtype == np.float32

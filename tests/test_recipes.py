@@ -21,9 +21,8 @@ from conftest import ROOT, TINY_FLAGS
 
 
 def test_one_cycle_warms_up_peaks_and_anneals_to_zero_step_by_step():
-    args = settings.parse_args(["--schedule", "onecycle", "--lr", "0.01", "--epochs", "10",
-                                "--warmup-epochs", "2"])
-    rate = schedules.learning_rate(args, steps_per_epoch=5)  # 50 steps, 10 of warm-up
+    rate = schedules.learning_rate("onecycle", lr=0.01, epochs=10, warmup_epochs=2,
+                                   steps_per_epoch=5)  # 50 steps, 10 of warm-up
 
     def at(step):
         return float(rate(step))
@@ -35,7 +34,7 @@ def test_one_cycle_warms_up_peaks_and_anneals_to_zero_step_by_step():
     assert at(49) < 0.01 * 0.002 and at(50) == pytest.approx(0.0, abs=1e-12)
     steps = [at(step) for step in range(51)]
     assert steps[:11] == sorted(steps[:11]) and steps[10:] == sorted(steps[10:], reverse=True)
-    assert schedules.learning_rate(settings.parse_args(["--lr", "0.002"]), 5) == 0.002
+    assert schedules.learning_rate("plateau", 0.002, 10, 2, 5) == 0.002
 
 
 def test_the_fast_recipe_sets_defaults_that_explicit_flags_and_config_keys_override(tmp_path):
@@ -69,7 +68,8 @@ def test_a_fast_run_records_its_resolved_settings_and_learning_rates(demo_datase
     rates = [float(row["learning_rate"]) for row in history(output)]
     steps = -(-config["train_images"] // 8)
     args = settings.parse_args(["--recipe", "fast", "--epochs", "3", "--lr", "0.002"])
-    expected = [float(schedules.learning_rate(args, steps)(steps * epoch))
+    expected = [float(schedules.learning_rate(args.schedule, args.lr, args.epochs,
+                                              args.warmup_epochs, steps)(steps * epoch))
                 for epoch in (1, 2, 3)]
     assert rates == pytest.approx(expected, rel=1e-5)
     model = keras.models.load_model(output / artifacts.MODEL_FILE)
@@ -142,7 +142,7 @@ def test_lr_find_writes_its_plot_and_a_suggestion_and_touches_nothing_else(train
     after = fingerprint(output)
     assert {name: after[name] for name in before} == before
     assert not [name for name in set(after) - set(before) if name not in (
-        schedules.PLOT, callbacks.LOCK_FILE) and not name.startswith("cache")]
+        schedules.PLOT, run_folder.LOCK_FILE) and not name.startswith("cache")]
 
 
 def test_the_range_test_stops_when_the_loss_explodes_and_suggests_below_the_minimum():

@@ -37,7 +37,7 @@ def test_every_numeric_flag_has_a_range(parser, ranges):
     ("--width-shift-range", "1", "--width-shift-range must be at least 0 and less than 1"),
     ("--zoom-range", "-0.1", "--zoom-range must be at least 0 and less than 1, got -0.1"),
     ("--rotation-range", "-5", "--rotation-range must be at least 0 and at most 180"),
-    ("--image-size", "8", "--image-size must be at least 16 and at most 1024 (the network"),
+    ("--image-size", "8", "--image-size must be at least 16 and at most 1024 (the networks"),
     ("--seed", "-1", "--seed must be at least 0"),
     ("--test-size", "1.5", "--test-size must be between 0 and 1, got 1.5"),
 ])
