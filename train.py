@@ -103,6 +103,7 @@ def configure_callbacks(args, output, logs, run_name, phase, last_phase, append_
     able to resume (callbacks.py); where a phase leads to another, it keeps its last
     weights for that one."""
     backup = os.path.join(output, phase.backup)
+    os.makedirs(backup, exist_ok=True)
     return [
         # First, so that the learning rate it sets is the one the loggers and the backup see.
         callbacks.ReduceLROnPlateau(os.path.join(backup, "plateau.json"), monitor="val_loss",

@@ -175,7 +175,7 @@ def evaluate_tta(output):
     binarizer = artifacts.load_labels(os.path.join(output, artifacts.LABELS_FILE))
     targets = artifacts.one_hot(binarizer, folders["train"].labels)
     test = dataset.split(folders, binarizer, targets, args, in_memory=True).test
-    model = artifacts.load_model(os.path.join(output, artifacts.MODEL_FILE))
+    model = artifacts.load_model(artifacts.model_path(None, os.path.join(output, artifacts.LABELS_FILE)))
     for tta in (False, True):
         found = reports.evaluate(model, pipelines.batches(test.x, test.y, args.batch_size),
                                  test.y, False, 0.5, tta)

@@ -230,8 +230,10 @@ def with_dtype_policy(model, policy):
     """A copy of model, with its weights, whose layers compute in policy (a Keras dtype
     policy name); the output activation stays float32."""
     def in_policy(layer):
-        dtype = "float32" if layer.name == "probabilities" else policy
-        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
+        config = layer.get_config()
+        if "dtype" in config:  # not in the plain operations (x + 3) of keras.applications
+            config["dtype"] = "float32" if layer.name == "probabilities" else policy
+        return layer.__class__.from_config(config)
 
     twin = keras.models.clone_model(model, clone_function=in_policy)
     twin.set_weights(model.get_weights())
