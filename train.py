@@ -4,11 +4,8 @@ images, one sub-folder per class.
     python train.py --dataset Dataset
 
 The blog's four steps, top to bottom: load the data, configure the model, train, evaluate
-and save; each a few calls, their details in the modules of classifier/. Leaves in the
-output folder: vgg_model.keras (<model>_model.keras), labels.pickle and .json, checkpoints/, history.csv,
-config.json, the reports (classification_report.txt and .json, confusion_matrix.png,
-training_plot.png, dataset_overview.png, confident_mistakes.png) and report.html, which
-shows them all; TensorBoard events go to logs/<run name>.
+and save; each a few calls, their details in the modules of classifier/. What a run leaves
+in the output folder and logs/: README.md, "What lands in Output/ and logs/".
 """
 
 import functools
@@ -78,23 +75,13 @@ def compile_model(args, model, strategy, lr, epochs, steps_per_epoch):
     """2. Configure the model: its loss, metrics and optimizer, for epochs epochs at lr (the
     peak of one cycle with --schedule onecycle)."""
     with distributed.model_scope(strategy):
-        if args.multi_label:
-            # Keras would also call this "accuracy"; it is the share of right yes/no label
-            # decisions, not of images with every label right (that one is in the report).
-            loss, metrics = keras.losses.BinaryCrossentropy, [keras.metrics.BinaryAccuracy(
-                name="binary_accuracy", threshold=args.threshold)]
-        else:
-            loss, metrics = keras.losses.CategoricalCrossentropy, ["accuracy"]
-        if args.label_smoothing:
-            loss = loss(label_smoothing=args.label_smoothing)
-        else:  # the blog's name of its loss
-            loss = "binary_crossentropy" if args.multi_label else "categorical_crossentropy"
+        loss, metrics = schedules.loss_and_metrics(args.multi_label, args.label_smoothing,
+                                                   args.threshold)
         # --lr-find sets the rate itself step by step.
         rate = schedules.learning_rate("plateau" if args.lr_find else args.schedule, lr, epochs,
                                        args.warmup_epochs, steps_per_epoch)
-        optimizer = (keras.optimizers.AdamW(learning_rate=rate, weight_decay=args.weight_decay)
-                     if args.optimizer == "adamw" else keras.optimizers.Adam(learning_rate=rate))
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        model.compile(optimizer=schedules.optimizer(args.optimizer, rate, args.weight_decay),
+                      loss=loss, metrics=metrics)
 
 
 def configure_callbacks(args, output, logs, run_name, phase, last_phase, append_history,
@@ -155,12 +142,7 @@ def train_model(args, output, logs, run_name, strategy, model, augment, splits, 
     started = time.perf_counter()
     try:
         for phase in (phase for phase in phases if phase.end > first_epoch):
-            fine_tuning.set_trainable(model, phase.trains)
-            if phase.start == first_epoch > 0 and phase is not phases[0]:
-                fine_tuning.restore_head_phase(model, output)
-            if phase.name != "train":
-                log.info("%s: epochs %d to %d at --lr %g, training %d weights", phase.name,
-                         phase.start + 1, phase.end, phase.lr, fine_tuning.trainable_count(model))
+            fine_tuning.begin(model, phase, phases, first_epoch, output)
             compile_model(args, model, strategy, phase.lr, phase.epochs, steps)
             callback_list = configure_callbacks(
                 args, output, logs, run_name, phase, phase is phases[-1],
@@ -202,23 +184,9 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
     print(f"report: {os.path.join(output, reports.HTML)}")
 
 
-def find_learning_rate(args, output, strategy, model, augment, splits, phase):
-    """--lr-find instead of steps 3 and 4: the range test on the model as configured for its
-    first phase of training; it saves lr_find.png and nothing else. Returns the suggested
-    learning rate."""
-    fine_tuning.set_trainable(model, phase.trains)
-    compile_model(args, model, strategy, phase.lr, phase.epochs, steps_per_epoch=1)
-    test = schedules.range_test(model, pipelines.training_batches(
-        splits.train.x, splits.train.y, args.batch_size, augment, args.seed,
-        mix=augmentation.mixing(args.mix, args.seed)))
-    print(f"learning-rate range test: {len(test.rates)} steps, plot: "
-          f"{schedules.save_range_test(test, output)}")
-    print(f"suggested learning rate: --lr {test.suggestion():.2g}")
-    return test.suggestion()
-
-
 def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
-    """The four steps; returns the run's reports.RunSummary. extra_callbacks go to fit
+    """The four steps; returns the run's reports.RunSummary (with --lr-find: the range test
+    and its plot instead of steps 3 and 4). extra_callbacks go to fit
     (before the backup); build_model builds the network like networks.create; policy, a Keras
     dtype policy, overrides the one --precision chooses."""
     strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
@@ -241,15 +209,16 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
                                                    build_model)
         phases = fine_tuning.plan(bool(weights or args.init_from), new_head, args.epochs,
                                   args.head_epochs, args.lr, args.fine_tune_lr)
-        if args.lr_find:
-            return find_learning_rate(args, output, strategy, model, augment, splits, phases[0])
+        if args.lr_find:  # instead of steps 3 and 4: the range test, which saves no model
+            fine_tuning.begin(model, phases[0], phases[:1], 0, output)
+            compile_model(args, model, strategy, phases[0].lr, phases[0].epochs, 1)
+            return schedules.find_learning_rate(model, pipelines.training_batches(
+                splits.train.x, splits.train.y, args.batch_size, augment, args.seed,
+                mix=augmentation.mixing(args.mix, args.seed)), output)
         run_folder.check_free_space(model, output, args.epochs, args.keep_checkpoints)
-        resume = run_folder.resume_point(run_folder.resume_settings(args), args.run_name,
-                                         args.fresh, output, fine_tuning.head_epochs(phases))
-        run_name, first_epoch = resume or (args.run_name, 0)
-        if resume:
-            log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
-                     run_name, first_epoch)
+        run_name, first_epoch = run_folder.resume_point(
+            run_folder.resume_settings(args), args.run_name, args.fresh, output,
+            fine_tuning.head_epochs(phases))
         class_weight = (dataset.class_weights(splits.train.y, classes)
                         if args.class_weight == "balanced" else None)
         summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes,
@@ -279,6 +248,9 @@ def main(argv=None, **run_options):
         cli.setup_logging(args.verbose)
         summary = run(args, **run_options)
         if args.lr_find:
+            test, plot = summary
+            print(f"learning-rate range test: {len(test.rates)} steps, plot: {plot}")
+            print(f"suggested learning rate: --lr {test.suggestion():.2g}")
             return 0
         print(f"model: {summary.model}")
         print(f"reports and plots: {summary.output}")

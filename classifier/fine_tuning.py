@@ -9,6 +9,7 @@ learning-rate schedule; a run without pretrained weights is one phase that train
 as the blog's does.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import keras
 
 from classifier import artifacts, networks, run_folder
 from classifier.cli import UserError
+
+log = logging.getLogger("fine_tuning")
 
 OUTPUT_LAYER, ACTIVATION = "logits", "probabilities"
 
@@ -71,8 +74,16 @@ def set_trainable(model, trains):
             layer.trainable = not isinstance(layer, keras.layers.BatchNormalization)
 
 
-def trainable_count(model):
-    return sum(int(weight.numpy().size) for weight in model.trainable_weights)
+def begin(model, phase, phases, first_epoch, output):
+    """Make model ready for phase, before it is compiled: its trainable layers, and where a
+    resumed run starts at the second phase, the weights the first ended with."""
+    set_trainable(model, phase.trains)
+    if phase.start == first_epoch > 0 and phase is not phases[0]:
+        model.load_weights(os.path.join(output, run_folder.HEAD_WEIGHTS))
+    if phase.name != "train":
+        log.info("%s: epochs %d to %d at --lr %g, training %d weights", phase.name,
+                 phase.start + 1, phase.end, phase.lr,
+                 sum(int(weight.numpy().size) for weight in model.trainable_weights))
 
 
 def start_from(path, classes, multi_label, policy, unsafe=False):
@@ -94,8 +105,3 @@ def start_from(path, classes, multi_label, policy, unsafe=False):
                                           dtype="float32", name=ACTIVATION)(x)
         earlier = keras.Model(earlier.inputs, outputs, name=earlier.name)
     return networks.with_dtype_policy(earlier, policy), not same
-
-
-def restore_head_phase(model, output):
-    """A run resumed between its two phases: the weights the first phase ended with."""
-    model.load_weights(os.path.join(output, run_folder.HEAD_WEIGHTS))

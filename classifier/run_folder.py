@@ -13,6 +13,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ import numpy as np
 
 from classifier import artifacts
 from classifier.cli import TrainingDiverged, UserError
+
+log = logging.getLogger("train")
 
 CHECKPOINTS = "checkpoints"
 HISTORY_FILE = "history.csv"
@@ -82,8 +85,8 @@ def check_free_space(model, output, epochs, keep_checkpoints):
 
 
 def resume_point(settings, run_name, fresh, output, head_epochs):
-    """The interrupted run in output to resume, as (run name, first epoch), or None to start
-    afresh as run_name. settings are the run's resume_settings; head_epochs, where the run
+    """The interrupted run in output to resume, as (its run name, the first epoch to
+    train), or (run_name, 0) to start afresh. settings are the run's resume_settings; head_epochs, where the run
     fine-tunes in two phases, the length of the first (else 0).
 
     The backup folder remembers the settings it was made with; resuming with other settings
@@ -96,7 +99,7 @@ def resume_point(settings, run_name, fresh, output, head_epochs):
     if not os.path.exists(run_file):
         os.makedirs(backup_dir, exist_ok=True)
         artifacts.write_json(run_file, {"settings": settings, "run_name": run_name})
-        return None
+        return run_name, 0
     with open(run_file) as handle:
         run = json.load(handle)
     if run["settings"] != settings:
@@ -105,11 +108,13 @@ def resume_point(settings, run_name, fresh, output, head_epochs):
         raise UserError(
             f"{backup_dir} holds an interrupted run with other settings ({', '.join(changed)}): "
             "run it again with the same flags to resume, or add --fresh to start over")
-    if (epoch := _backed_up_epoch(os.path.join(output, BACKUP_DIR))) is not None:
-        return run["run_name"], epoch
-    if os.path.exists(os.path.join(output, HEAD_WEIGHTS)):
-        return run["run_name"], head_epochs
-    return run["run_name"], _backed_up_epoch(os.path.join(output, HEAD_BACKUP_DIR)) or 0
+    epoch = _backed_up_epoch(os.path.join(output, BACKUP_DIR))
+    if epoch is None:
+        epoch = (head_epochs if os.path.exists(os.path.join(output, HEAD_WEIGHTS))
+                 else _backed_up_epoch(os.path.join(output, HEAD_BACKUP_DIR)) or 0)
+    log.info("resuming the interrupted run %s after epoch %d (--fresh starts over)",
+             run["run_name"], epoch)
+    return run["run_name"], epoch
 
 
 def _backed_up_epoch(backup_dir):

@@ -1,4 +1,5 @@
-"""The learning rate over a run, and the range test that suggests one (--lr-find).
+"""What training minimises and how: the loss, the optimizer, the learning rate over a run, and
+the range test that suggests one (--lr-find).
 
 With --schedule plateau (the blog's) the optimizer gets --lr and ReduceLROnPlateau lowers it
 (callbacks.py). With --schedule onecycle it gets a schedule of the optimizer's own step
@@ -36,6 +37,29 @@ def learning_rate(schedule, lr, epochs, warmup_epochs, steps_per_epoch):
         warmup_target=lr, warmup_steps=warmup)
 
 
+def loss_and_metrics(multi_label, label_smoothing, threshold):
+    """What compile is given: the blog's cross-entropy (binary for multi-label), with
+    --label-smoothing, and accuracy."""
+    if multi_label:
+        # Keras would also call this "accuracy"; it is the share of right yes/no label
+        # decisions, not of images with every label right (that one is in the report).
+        loss, metrics = keras.losses.BinaryCrossentropy, [keras.metrics.BinaryAccuracy(
+            name="binary_accuracy", threshold=threshold)]
+    else:
+        loss, metrics = keras.losses.CategoricalCrossentropy, ["accuracy"]
+    if label_smoothing:
+        return loss(label_smoothing=label_smoothing), metrics
+    # The blog's name of its loss.
+    return ("binary_crossentropy" if multi_label else "categorical_crossentropy"), metrics
+
+
+def optimizer(kind, learning_rate, weight_decay):
+    """--optimizer: Adam (the blog's), or AdamW with decoupled weight decay."""
+    if kind == "adamw":
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
 @dataclass
 class RangeTest:
     """The learning rates tried, and the smoothed training loss after each."""
@@ -68,6 +92,12 @@ def range_test(model, batches, steps=300, start=1e-7, end=10.0, smoothing=0.98, 
         if smoothed > explode * min(test.losses):
             break
     return test
+
+
+def find_learning_rate(model, batches, output):
+    """--lr-find: the range test on a compiled model, and its plot; returns both."""
+    test = range_test(model, batches)
+    return test, save_range_test(test, output)
 
 
 def save_range_test(test, output):
