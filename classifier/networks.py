@@ -80,10 +80,24 @@ def _build_vgg(input_shape, num_classes, multi_label=False, weights=None, bn_mom
 
 def _vgg16_input(inputs):
     # keras.applications.vgg16.preprocess_input's "caffe" mode, less its swap to BGR: the
-    # first convolution's kernel is turned to RGB instead (_rgb_first_convolution), so that
-    # the preprocessing is a plain layer without weights, which every exporter takes.
-    return layers.Normalization(mean=[123.68, 116.779, 103.939], variance=[1.0, 1.0, 1.0],
-                                name="subtract_imagenet_mean")(inputs)
+    # first convolution's kernel is turned to RGB instead (_rgb_first_convolution). Both here
+    # are plain per-channel Rescaling layers without weights: Normalization's constants
+    # reach ONNX as inputs nobody feeds.
+    return layers.Rescaling(1.0, offset=[-123.68, -116.779, -103.939],
+                            name="subtract_imagenet_mean")(inputs)
+
+
+def _efficientnet_input(inputs):
+    # EfficientNetV2's own preprocessing (include_preprocessing): x / 255, then ImageNet's
+    # mean and standard deviation per channel, as one Rescaling.
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return layers.Rescaling([1 / (255 * s) for s in std],
+                            offset=[-m / s for m, s in zip(mean, std)],
+                            name="imagenet_normalization")(inputs)
+
+
+def _efficientnet_v2_b0(**options):
+    return keras.applications.EfficientNetV2B0(include_preprocessing=False, **options)
 
 
 def _rgb_first_convolution(model):
@@ -131,7 +145,7 @@ REGISTRY = {network.name: network for network in (
                      "d3e8ec802a04aa4fc771ee12a9a9b836"),
         why_min_size="keras.applications' smallest"),
     Network("efficientnet_v2_b0", _application(
-        "efficientnet_v2_b0", keras.applications.EfficientNetV2B0), 32, 224,
+        "efficientnet_v2_b0", _efficientnet_v2_b0, _efficientnet_input), 32, 224,
         ImagenetFile("efficientnetv2-b0_notop.h5", "efficientnet_v2",
                      "893217f2bb855e2983157299931e43ff"),
         why_min_size="keras.applications' smallest"),
