@@ -19,8 +19,8 @@ import keras
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 from classifier import (artifacts, augmentation, callbacks, cli, dataset, distributed,
-                        fine_tuning, hardware, networks, pipelines, reports, run_folder,
-                        schedules, settings)
+                        fine_tuning, hardware, multi_worker, networks, pipelines, reports,
+                        run_folder, schedules, settings)
 
 log = logging.getLogger("train")
 
@@ -28,13 +28,19 @@ log = logging.getLogger("train")
 def load_data(args, output):
     """1. Load the data: list and label the images, decode and resize them (cached), binarize
     the labels, split off the test images (or take the pre-split folders)."""
-    folders, skipped = dataset.load_folders(args)
+    folders, skipped = dataset.load_folders(
+        {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
+        dataset.Labelling(args.multi_label, args.label_separator, args.labels_csv,
+                          args.csv_label_separator),
+        dataset.Decoding(args.image_size, args.max_pixels, args.workers,
+                         None if args.no_cache else args.cache_dir), args.seed)
     if not args.lr_find:  # a range test leaves a run's files as they are
         dataset.save_skipped(skipped, output)
     binarizer, targets = artifacts.fit_binarizer(folders["train"].labels, args.multi_label)
     data_mode = hardware.choose_data_mode(args.data_mode, dataset.size_in_bytes(folders),
                                           hardware.available_memory())
-    splits = dataset.split(folders, binarizer, targets, args, in_memory=data_mode == "memory")
+    splits = dataset.split(folders, binarizer, targets, args.test_size, args.seed,
+                           in_memory=data_mode == "memory")
     classes = [str(name) for name in binarizer.classes_]
     log.info("%d %s: %s", len(classes), "labels" if args.multi_label else "classes", ", ".join(
         f"{name} ({count:.0f})" for name, count in zip(classes, targets.sum(axis=0))))
@@ -149,15 +155,15 @@ def train_model(args, output, logs, run_name, strategy, model, augment, splits, 
                 append_history=max(first_epoch, phase.start) > 0,
                 extra_callbacks=extra_callbacks)
             start = max(first_epoch, phase.start)
+            verbose = 1 if sys.stdout.isatty() else 2  # a progress bar, or a line an epoch
             if distributed.is_multi_worker(strategy):
-                distributed.fit(strategy, model, training, steps, validation, phase.end, start,
-                                class_weight, callback_list, verbose=2)
+                multi_worker.fit(strategy, model, training, steps, validation, phase.end, start,
+                                 class_weight, callback_list, verbose)
             else:
                 # shuffle=False: the pipeline reshuffles itself each epoch.
                 model.fit(training(start), steps_per_epoch=steps, validation_data=validation(),
                           initial_epoch=start, epochs=phase.end, shuffle=False,
-                          class_weight=class_weight, callbacks=callback_list,
-                          verbose=1 if sys.stdout.isatty() else 2)  # a bar, or a line an epoch
+                          class_weight=class_weight, callbacks=callback_list, verbose=verbose)
             if model.stop_training:  # early stopping, or a NaN loss
                 break
     except KeyboardInterrupt as interruption:

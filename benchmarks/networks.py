@@ -14,8 +14,8 @@ The dataset folder holds train/, validation/ and test/, one sub-folder per class
   the other five with 20 and with 50 photos per class, once from that model (--init-from)
   and once from scratch, the same epochs; tested on those five classes' test/ photos. Runs
   named tune-* choose --head-epochs and --fine-tune-lr on validation/ alone.
-- scratch: every network with --weights none and --recipe fast at 64 px on the 15% split
-  of train/, for the epochs given in SCRATCH_EPOCHS.
+- scratch: every network with --weights none and --recipe fast on the 15% split of
+  train/, at the sizes and for the epochs given in SCRATCH.
 
 Each run is train.py in its own process (recipes.py's run), the subsets folders of links
 under --work.
@@ -35,7 +35,10 @@ sys.path.insert(0, recipes.ROOT)
 SOURCE_CLASSES = ("dress", "hat", "longsleeve", "outwear", "pants")
 TARGET_CLASSES = ("shirt", "shoes", "shorts", "skirt", "t-shirt")
 TRANSFER_FLAGS = ["--recipe", "fast"]
-SCRATCH_EPOCHS = {"vgg": 10, "mobilenet_v3_small": 10, "efficientnet_v2_b0": 4, "vgg16": 2}
+# (network, image size, epochs): the fast recipe's 25 epochs where they take at most about
+# 10 minutes of training on a 2-core CPU, else as many as fit in about 10 (the speed plan).
+SCRATCH = (("vgg", 64, 25), ("mobilenet_v3_small", 64, 25), ("mobilenet_v3_small", 224, 4),
+           ("efficientnet_v2_b0", 64, 5), ("vgg16", 64, 3))
 
 
 def build_parser():
@@ -88,9 +91,9 @@ def transfer_plan(data, work):
 
 
 def scratch_plan(data):
-    return {f"scratch-{name}-64": (data, ["--recipe", "fast", "--model", name, "--weights",
-                                          "none", "--epochs", str(epochs)], "split")
-            for name, epochs in SCRATCH_EPOCHS.items()}
+    return {f"scratch-{name}-{size}": (data, [
+        "--recipe", "fast", "--model", name, "--weights", "none", "--image-size", str(size),
+        "--epochs", str(epochs)], "split") for name, size, epochs in SCRATCH}
 
 
 def speed(batch=32, steps=4):

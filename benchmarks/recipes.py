@@ -171,11 +171,16 @@ def evaluate_tta(output):
     config = json.load(open(os.path.join(output, "config.json")))
     args = settings.parse_args([])
     vars(args).update({key: value for key, value in config.items() if key in vars(args)})
-    folders, _ = dataset.load_folders(args)
+    folders, _ = dataset.load_folders(
+        {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
+        dataset.Labelling(), dataset.Decoding(args.image_size, cache_dir=args.cache_dir),
+        args.seed)
     binarizer = artifacts.load_labels(os.path.join(output, artifacts.LABELS_FILE))
     targets = artifacts.one_hot(binarizer, folders["train"].labels)
-    test = dataset.split(folders, binarizer, targets, args, in_memory=True).test
-    model = artifacts.load_model(artifacts.model_path(None, os.path.join(output, artifacts.LABELS_FILE)))
+    test = dataset.split(folders, binarizer, targets, args.test_size, args.seed,
+                         in_memory=True).test
+    model = artifacts.load_model(
+        artifacts.model_path(None, os.path.join(output, artifacts.LABELS_FILE)))
     for tta in (False, True):
         found = reports.evaluate(model, pipelines.batches(test.x, test.y, args.batch_size),
                                  test.y, False, 0.5, tta)

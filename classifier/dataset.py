@@ -25,6 +25,27 @@ log = logging.getLogger("dataset")
 SKIPPED_FILE = "skipped_files.csv"
 
 
+@dataclass(frozen=True)
+class Labelling:
+    """Where labels come from: a class per first folder, or with multi_label several labels
+    per image, from the folder name split on label_separator or from labels_csv (path,labels
+    rows, labels split on csv_label_separator)."""
+    multi_label: bool = False
+    label_separator: str = "_"
+    labels_csv: str = None
+    csv_label_separator: str = ";"
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How files become images: resized to image_size x image_size, refused above
+    max_pixels, decoded by workers threads and kept in cache_dir (None: no cache)."""
+    image_size: int
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    workers: int = 1
+    cache_dir: str = None
+
+
 @dataclass
 class Folder:
     """The usable images of one dataset folder and their labels: class names, or with
@@ -49,23 +70,22 @@ class Splits:
     has_validation_folder: bool
 
 
-def load_folders(args):
-    """The images and labels of --dataset, and of --val-dir and --test-dir when given, each
-    shuffled with the seed: ({"train": Folder, "validation": ..., "test": ...}, the files
-    that could not be used as (path, reason))."""
-    roots = {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir}
+def load_folders(roots, labelling, decoding, seed):
+    """The images and labels of each of roots ({"train": --dataset, "validation": --val-dir,
+    "test": --test-dir}, None where not given), each shuffled with seed: ({"train": Folder,
+    "validation": ..., "test": ...}, the files that could not be used as (path, reason))."""
     loaded, skipped, found = {}, [], 0
     for role, root in roots.items():
         if root:
-            labels_csv = args.labels_csv if role == "train" else None
-            folder, unusable, listed = load_folder(root, args, labels_csv)
+            labels_csv = labelling.labels_csv if role == "train" else None
+            folder, unusable, listed = load_folder(root, labelling, decoding, seed, labels_csv)
             loaded[role] = folder
             skipped += unusable
             found += listed
     if skipped:
         log.warning("skipped %d of %d files that could not be read as images (listed in %s)",
                     len(skipped), found, SKIPPED_FILE)
-    check_classes(loaded, roots, args)
+    check_classes(loaded, roots, labelling)
     return loaded, skipped
 
 
@@ -78,19 +98,19 @@ def save_skipped(skipped, output):
             writer.writerows(skipped)
 
 
-def check_classes(loaded, roots, args):
-    classes = label_names(loaded["train"].labels, args.multi_label)
+def check_classes(loaded, roots, labelling):
+    classes = label_names(loaded["train"].labels, labelling.multi_label)
     if len(classes) < 2:
-        if args.multi_label:
-            raise UserError(f"need at least 2 labels in {args.labels_csv or args.dataset}, "
-                            f"found {len(classes)}")
-        raise UserError(
-            f"need images in at least 2 class folders of {args.dataset}, found {len(classes)}")
+        if labelling.multi_label:
+            raise UserError(f"need at least 2 labels in {labelling.labels_csv or roots['train']}"
+                            f", found {len(classes)}")
+        raise UserError(f"need images in at least 2 class folders of {roots['train']}, found "
+                        f"{len(classes)}")
     for role in ("validation", "test"):
-        unknown = (label_names(loaded[role].labels, args.multi_label) - classes
+        unknown = (label_names(loaded[role].labels, labelling.multi_label) - classes
                    if role in loaded else set())
         if unknown:
-            raise UserError(f"{roots[role]} has classes that {args.dataset} has not: "
+            raise UserError(f"{roots[role]} has classes that {roots['train']} has not: "
                             f"{', '.join(sorted(unknown))}")
 
 
@@ -99,12 +119,12 @@ def label_names(labels, multi_label):
     return {name for names in labels for name in names} if multi_label else set(labels)
 
 
-def load_folder(root, args, labels_csv=None):
+def load_folder(root, labelling, decoding, seed, labels_csv=None):
     """(Folder, skipped files, files found) for one folder of class sub-folders, or for the
     images that labels_csv lists."""
     missing = []
     if labels_csv:
-        listed = read_labels_csv(labels_csv, root, args.csv_label_separator)
+        listed = read_labels_csv(labels_csv, root, labelling.csv_label_separator)
         missing = [(path, f"listed in {labels_csv} but not found")
                    for path in listed if not os.path.isfile(path)]
         image_paths = sorted(path for path in listed if os.path.isfile(path))
@@ -117,20 +137,20 @@ def load_folder(root, args, labels_csv=None):
     if not image_paths:
         where = labels_csv or f"class sub-folders of {root}"
         raise UserError(f"no images found in {where}")
-    random.Random(args.seed).shuffle(image_paths)
+    random.Random(seed).shuffle(image_paths)
     log.info("found %d images in %s", len(image_paths), root)
 
-    if args.no_cache:
-        data, kept, skipped = images.load_images(image_paths, args.image_size, args.max_pixels,
-                                                 workers=args.workers)
+    if decoding.cache_dir is None:
+        data, kept, skipped = images.load_images(image_paths, decoding.image_size,
+                                                 decoding.max_pixels, workers=decoding.workers)
     else:
         data, kept, skipped = image_cache.load_images(
-            image_paths, args.image_size, args.cache_dir, args.max_pixels,
-            workers=args.workers, name=image_cache.folder_name(root))
+            image_paths, decoding.image_size, decoding.cache_dir, decoding.max_pixels,
+            workers=decoding.workers, name=image_cache.folder_name(root))
     if labels_csv:
         labels = [listed[image_paths[i]] for i in kept]
-    elif args.multi_label:
-        labels = [split_label(images.label_of(image_paths[i], root), args.label_separator)
+    elif labelling.multi_label:
+        labels = [split_label(images.label_of(image_paths[i], root), labelling.label_separator)
                   for i in kept]
     else:
         labels = np.array([images.label_of(image_paths[i], root) for i in kept])
@@ -170,7 +190,7 @@ def size_in_bytes(loaded):
     return sum(folder.images.size for folder in loaded.values())
 
 
-def split(loaded, binarizer, targets, args, in_memory):
+def split(loaded, binarizer, targets, test_size, seed, in_memory):
     """The training, validation and test splits: the test split is held out of --dataset
     unless --test-dir gives it, and doubles as validation data unless --val-dir is given.
     targets are the binarized labels of --dataset; the images end up in memory, or still on
@@ -180,8 +200,8 @@ def split(loaded, binarizer, targets, args, in_memory):
         training = Split(take(train.images, slice(None), in_memory), targets)
         test = own_split(loaded["test"], binarizer, in_memory)
     else:
-        training, test = split_off_test(train.images, train.labels, targets, args.test_size,
-                                        args.seed, in_memory)
+        training, test = split_off_test(train.images, train.labels, targets, test_size, seed,
+                                        in_memory)
     if "validation" in loaded:
         return Splits(training, own_split(loaded["validation"], binarizer, in_memory), test,
                       True)
