@@ -73,13 +73,13 @@ def history_epochs(output):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["blog", "fast"])
+@pytest.mark.parametrize("flags", [["--recipe", "blog"], ["--recipe", "fast"],
+                                   ["--model", "mobilenet_v3_small", "--weights", "none"]])
 def test_two_workers_train_the_same_weights_and_the_chief_writes_the_model(demo_dataset,
-                                                                          tmp_path, recipe):
+                                                                          tmp_path, flags):
     addresses = free_addresses(2)
     results = finish([driver(tmp_path / f"state{index}.npz",
-                             worker_flags(demo_dataset, tmp_path, index, addresses,
-                                          "--recipe", recipe))
+                             worker_flags(demo_dataset, tmp_path, index, addresses, *flags))
                       for index in range(2)])
     for code, _, err in results:
         assert code == 0, err[-3000:]
@@ -90,11 +90,33 @@ def test_two_workers_train_the_same_weights_and_the_chief_writes_the_model(demo_
     assert history_epochs(tmp_path / "out0") == [0, 1]
     assert sorted(os.listdir(tmp_path / "out1")) == ["cache"], "only the chief writes files"
     assert os.listdir(tmp_path / "logs") == ["run"]
-    model = artifacts.load_model(str(tmp_path / "out0" / artifacts.MODEL_FILE))
+    model = artifacts.load_model(artifacts.model_path(None, str(tmp_path / "out0" /
+                                                               artifacts.LABELS_FILE)))
     pixels = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     probabilities = model.predict(pixels, verbose=0)
     assert probabilities.shape == (3, 8)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_another_network_trains_mirrored_over_two_devices(demo_dataset, tmp_path):
+    [(code, _, err)] = finish([driver(tmp_path / "state.npz", worker_flags(
+        demo_dataset, tmp_path, 0, None, "--model", "mobilenet_v3_small", "--weights", "none",
+        "--devices", "CPU:0,CPU:1"), "--logical-cpus", "2")])
+    assert code == 0, err[-3000:]
+    assert "mirrored over 2 devices" in err
+    assert history_epochs(tmp_path / "out0") == [0, 1]
+
+
+def test_pretrained_weights_on_several_workers_are_refused_before_loading(tmp_path, caplog,
+                                                                          monkeypatch):
+    monkeypatch.setattr(distributed, "is_multi_worker", lambda strategy: True)
+    weights = tmp_path / "weights.h5"
+    weights.write_bytes(b"")
+    code = train.main(["--dataset", str(tmp_path / "none"), "--model", "vgg16", "--weights",
+                       str(weights), "--output", str(tmp_path / "out")])
+    assert code == 2 and "runs on one machine" in caplog.text
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

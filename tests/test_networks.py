@@ -262,3 +262,16 @@ def test_a_fine_tuning_run_resumes_in_its_phase_as_if_never_stopped(trained_run,
     assert learning_rates(work / "Output") == pytest.approx(
         learning_rates(tmp_path / "whole" / "Output"), rel=1e-6)
     assert not (work / "Output" / run_folder.BACKUP_DIR).exists()
+
+
+@pytest.mark.slow
+def test_the_range_test_of_a_fine_tuning_run_trains_its_first_phase(trained_run, tmp_path,
+                                                                     capsys, caplog):
+    source = os.path.join(trained_run["output"], artifacts.MODEL_FILE)
+    dataset = subset_dataset(trained_run["dataset"], tmp_path / "three",
+                             ["blue_dress", "green_shoes", "red_shoes"])
+    assert train.main(tiny_run(dataset, tmp_path, "--init-from", source, "--lr-find")) == 0
+    assert "suggested learning rate: --lr" in capsys.readouterr().out
+    assert "head: epochs 1 to 2" in caplog.text and "training 1539 weights" in caplog.text
+    assert (tmp_path / "Output" / "lr_find.png").exists()
+    assert not (tmp_path / "Output" / artifacts.MODEL_FILE).exists()
