@@ -197,6 +197,8 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
     dtype policy, overrides the one --precision chooses."""
     strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
                                            args.worker_index)
+    networks.check_devices(args.model, strategy.num_replicas_in_sync > 1
+                           and not distributed.is_multi_worker(strategy))
     # Before any image is loaded or file written: a missing weights file is one line, at once.
     weights = networks.resolve_weights(args.model, args.weights)
     if distributed.is_multi_worker(strategy) and (weights or args.init_from):

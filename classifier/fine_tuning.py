@@ -86,11 +86,11 @@ def begin(model, phase, phases, first_epoch, output):
                  sum(int(weight.numpy().size) for weight in model.trainable_weights))
 
 
-def start_from(path, classes, multi_label, policy, unsafe=False):
+def start_from(path, classes, multi_label, policy):
     """The model trained here before at path, in this run's dtype policy, and whether it got a
-    new output layer: it does when its classes (labels.json beside it) are not classes, in the
-    same order, or it was multi-label and this run is not, or the other way round."""
-    earlier = artifacts.load_model(path, unsafe)
+    new output layer: it does unless its labels.json lists the same classes in the same order
+    and it is multi-label exactly when this run is."""
+    earlier = artifacts.load_model(path)
     info = artifacts.load_info(path) or {}
     same = (info.get("classes") == list(classes)
             and info.get("multi_label", False) == multi_label)

@@ -174,6 +174,15 @@ def check_image_size(name, image_size):
                         f"{network.recommended_size}")
 
 
+def check_devices(name, mirrored):
+    """Only vgg trains mirrored over several devices of one machine (MirroredStrategy): the
+    replicas of the keras.applications networks fail there on mismatched shapes inside
+    TensorFlow. Several machines, one device each, train them all."""
+    if mirrored and name != DEFAULT:
+        raise UserError(f"{name} trains on one device per machine: drop --devices, or with "
+                        "several GPUs pass --strategy single (auto mirrors over them)")
+
+
 def cache_folder():
     """Where Keras keeps downloaded weights: KERAS_HOME, else ~/.keras, else (when that
     cannot be written) /tmp/.keras, as keras.utils.get_file chooses; then models/."""
