@@ -76,12 +76,13 @@ def build_parser():
 
 
 def expand_inputs(inputs):
-    """Files as given; folders replaced by the images below them; glob patterns by the image
-    files and folders they match. Missing paths, and patterns matching nothing, are errors."""
+    """Files as given; folders replaced by the images below them (a folder without any stays,
+    to be reported); glob patterns by the image files and folders they match. Missing paths,
+    and patterns matching nothing, are errors."""
     found, missing = [], []
     for path in inputs:
         if os.path.isdir(path):
-            found.extend(images.list_images(path))
+            found.extend(images.list_images(path) or [path])
         elif os.path.isfile(path):
             found.append(path)
         elif any(character in path for character in "*?["):
@@ -249,6 +250,8 @@ class Labeller:
         return results
 
     def attempt_load(self, path):
+        if os.path.isdir(path):  # expand_inputs keeps a folder without images
+            return path, None, "no image files in this folder"
         try:
             return path, images.load_image(path, self.image_size, self.args.max_pixels), None
         except images.ImageError as error:

@@ -18,6 +18,7 @@ import pathlib
 import pickle
 import shutil
 import uuid
+import zipfile
 from contextlib import contextmanager
 
 import keras
@@ -186,6 +187,10 @@ def load_model(path, unsafe=False):
     if not os.path.isfile(path):
         raise UserError(
             f"no model at {path}: train one first with `python train.py --dataset Dataset`")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        # Keras would say "File not found" of a file that is there but damaged.
+        raise UserError(f"{path} is not a model file this program can read (a .keras file "
+                        "is a zip archive): it is damaged, or not a model")
     try:
         return keras.models.load_model(path, safe_mode=not unsafe)
     except ValueError as error:

@@ -68,6 +68,25 @@ def test_missing_model_tells_the_user_to_train_first(tmp_path, caplog):
     assert "train one first" in caplog.text
 
 
+def test_a_damaged_model_file_is_named_as_such(tmp_path, caplog):
+    image = write_image(tmp_path / "x.jpg", np.zeros((8, 8, 3)))
+    damaged = tmp_path / "vgg_model.keras"
+    damaged.write_bytes(np.random.default_rng(0).bytes(4096))
+    code = predict.main(["--image", image, "--model", str(damaged)])
+    assert code == 2
+    assert "is not a model file this program can read" in caplog.text
+    assert "not found" not in caplog.text
+
+
+def test_a_folder_without_images_is_reported_and_fails(trained_run, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    code, out, err = predict_many(trained_run, capsys, "--image", str(tmp_path / "empty"),
+                                  "--output", str(tmp_path / "annotated"))
+    assert code == 1
+    assert f"{tmp_path / 'empty'}: error: no image files in this folder" in err
+
+
 def predict_many(trained_run, capsys, *flags):
     out = trained_run["output"]
     code = predict.main([*flags, "--model", os.path.join(out, "vgg_model.keras"),
