@@ -12,7 +12,7 @@ import pytest
 import demo
 import predict
 import train
-from classifier import artifacts, callbacks, dataset, images, reports
+from classifier import artifacts, dataset, images, reports, run_folder
 from conftest import TINY_FLAGS
 
 LABELS = ["black", "blue", "dress", "green", "pants", "red", "shoes", "white"]

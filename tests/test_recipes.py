@@ -16,7 +16,7 @@ import pytest
 
 import predict
 import train
-from classifier import artifacts, callbacks, images, inference, schedules, settings
+from classifier import artifacts, images, inference, run_folder, schedules, settings
 from conftest import ROOT, TINY_FLAGS
 
 
