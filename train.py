@@ -119,22 +119,6 @@ def configure_callbacks(args, output, logs, run_name, phase, last_phase, append_
     ]
 
 
-def record(args, output, logs, run_name, binarizer, splits, summary, class_weight):
-    """Before training: what predict.py needs beside the model, and what this run is."""
-    log.info("images %s, %s precision", "in memory" if summary.data_mode == "memory"
-             else f"streamed from {args.cache_dir}", summary.precision)
-    artifacts.save_labels(binarizer, output, args.image_size, args.model,
-                          started_from=args.init_from or args.weights)
-    reports.save_overview(summary.classes, splits.train, splits.test,
-                          splits.validation if splits.has_validation_folder else None, output)
-    settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
-                          classes=summary.classes, train_images=summary.training_images,
-                          test_images=summary.test_images, data_mode=summary.data_mode,
-                          precision=summary.precision,
-                          validation_images=len(splits.validation.x),
-                          class_weights=class_weight)
-
-
 def train_model(args, output, logs, run_name, strategy, model, augment, splits, class_weight,
                 phases, first_epoch, extra_callbacks):
     """3. Train: model.fit, phase by phase from first_epoch. Returns the seconds it took, and
@@ -197,13 +181,10 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
     dtype policy, overrides the one --precision chooses."""
     strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
                                            args.worker_index)
-    networks.check_devices(args.model, strategy.num_replicas_in_sync > 1
-                           and not distributed.is_multi_worker(strategy))
     # Before any image is loaded or file written: a missing weights file is one line, at once.
     weights = networks.resolve_weights(args.model, args.weights)
-    if distributed.is_multi_worker(strategy) and (weights or args.init_from):
-        raise cli.UserError("fine-tuning pretrained weights runs on one machine: train "
-                            "several workers with --weights none")
+    networks.check_strategy(args.model, distributed.kind(strategy),
+                            pretrained=bool(weights or args.init_from))
     output, logs = distributed.folders(strategy, args.output, args.logs)
     with run_folder.output_lock(output):  # one run per output folder, from before it reads
         run_folder.prepare_folders(output, logs)
@@ -231,7 +212,18 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
                         if args.class_weight == "balanced" else None)
         summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes,
                                         splits, data_mode, policy)
-        record(args, output, logs, run_name, binarizer, splits, summary, class_weight)
+        log.info("images %s, %s precision", "in memory" if data_mode == "memory"
+                 else f"streamed from {args.cache_dir}", policy)
+        # What predict.py needs beside the model, and what this run is.
+        artifacts.save_labels(binarizer, output, args.image_size, args.model,
+                              started_from=args.init_from or args.weights)
+        reports.save_overview(classes, splits.train, splits.test, splits.validation
+                              if splits.has_validation_folder else None, output)
+        settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
+                              classes=classes, train_images=summary.training_images,
+                              test_images=summary.test_images, data_mode=data_mode,
+                              precision=policy, validation_images=len(splits.validation.x),
+                              class_weights=class_weight)
 
         summary.seconds, summary.interrupted = train_model(
             args, output, logs, run_name, strategy, model, augment, splits, class_weight,

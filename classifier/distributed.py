@@ -82,6 +82,13 @@ def cluster_from_flags(worker_addresses, worker_index):
         rpc_layer="grpc")
 
 
+def kind(strategy):
+    """The strategy's name in STRATEGIES: single, mirrored or multi-worker."""
+    if is_multi_worker(strategy):
+        return "multi-worker"
+    return "mirrored" if strategy.num_replicas_in_sync > 1 else "single"
+
+
 def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 

@@ -174,13 +174,17 @@ def check_image_size(name, image_size):
                         f"{network.recommended_size}")
 
 
-def check_devices(name, mirrored):
-    """Only vgg trains mirrored over several devices of one machine (MirroredStrategy): the
-    replicas of the keras.applications networks fail there on mismatched shapes inside
-    TensorFlow. Several machines, one device each, train them all."""
-    if mirrored and name != DEFAULT:
+def check_strategy(name, strategy, pretrained):
+    """Refuse what network name cannot train under strategy (distributed.kind): several
+    devices of one machine train vgg only (the replicas of the keras.applications networks
+    fail there on mismatched shapes inside TensorFlow's BatchNormalization), and several
+    machines train without pretrained weights (fine-tuning's phases run on one)."""
+    if strategy == "mirrored" and name != DEFAULT:
         raise UserError(f"{name} trains on one device per machine: drop --devices, or with "
                         "several GPUs pass --strategy single (auto mirrors over them)")
+    if strategy == "multi-worker" and pretrained:
+        raise UserError("fine-tuning pretrained weights runs on one machine: train several "
+                        "workers with --weights none")
 
 
 def cache_folder():

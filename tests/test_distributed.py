@@ -110,7 +110,7 @@ def test_another_network_mirrored_over_two_devices_is_refused_in_one_line(demo_d
 
 def test_pretrained_weights_on_several_workers_are_refused_before_loading(tmp_path, caplog,
                                                                           monkeypatch):
-    monkeypatch.setattr(distributed, "is_multi_worker", lambda strategy: True)
+    monkeypatch.setattr(distributed, "kind", lambda strategy: "multi-worker")
     weights = tmp_path / "weights.h5"
     weights.write_bytes(b"")
     code = train.main(["--dataset", str(tmp_path / "none"), "--model", "vgg16", "--weights",
