@@ -128,7 +128,8 @@ def test_head_phase_trains_the_output_layer_on_the_weights_file_frozen(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NETWORKS)
+# vgg's own end-to-end tests (test_train, test_predict, test_export, test_multilabel) cover it.
+@pytest.mark.parametrize("name", [name for name in NETWORKS if name != networks.DEFAULT])
 def test_every_network_trains_saves_predicts_and_exports_alike(name, demo_dataset, tmp_path,
                                                                capsys):
     code = train.main(tiny_run(demo_dataset, tmp_path, "--model", name, "--weights", "none",
@@ -237,31 +238,41 @@ def learning_rates(output):
         return {int(row["epoch"]): float(row["learning_rate"]) for row in csv.DictReader(handle)}
 
 
+FINE_TUNING = ["--epochs", "4", "--head-epochs", "2", "--schedule", "onecycle",
+               "--fine-tune-lr", "0.0003"]
+
+
+@pytest.fixture(scope="module")
+def fine_tuning_run(trained_run, tmp_path_factory):
+    """A run of two phases never stopped, epochs 0-1 (the output layer) and 2-3 (all but
+    BatchNormalization), from the trained run's model on three of its classes."""
+    work = tmp_path_factory.mktemp("fine-tuning")
+    dataset = subset_dataset(trained_run["dataset"], work / "three",
+                             ["blue_dress", "green_shoes", "red_shoes"])
+    flags = ["--init-from", os.path.join(trained_run["output"], artifacts.MODEL_FILE),
+             *FINE_TUNING]
+    whole = Recorder()
+    assert train.main(tiny_run(dataset, work / "whole", *flags), extra_callbacks=[whole]) == 0
+    return {"dataset": dataset, "flags": flags, "trainable": whole.trainable,
+            "learning_rates": learning_rates(work / "whole" / "Output")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [1, 2, 3])
-def test_a_fine_tuning_run_resumes_in_its_phase_as_if_never_stopped(trained_run, tmp_path,
+def test_a_fine_tuning_run_resumes_in_its_phase_as_if_never_stopped(fine_tuning_run, tmp_path,
                                                                     stop_at):
-    """Two phases, epochs 0-1 (the output layer) and 2-3 (all but BatchNormalization): stopped
-    inside the first, between them, or inside the second, then run again."""
-    source = os.path.join(trained_run["output"], artifacts.MODEL_FILE)
-    dataset = subset_dataset(trained_run["dataset"], tmp_path / "three",
-                             ["blue_dress", "green_shoes", "red_shoes"])
-    flags = ["--init-from", source, "--epochs", "4", "--head-epochs", "2", "--schedule",
-             "onecycle", "--fine-tune-lr", "0.0003"]
-    whole = Recorder()
-    assert train.main(tiny_run(dataset, tmp_path / "whole", *flags),
-                      extra_callbacks=[whole]) == 0
-    assert len(whole.trainable[0]) == 2 < len(whole.trainable[2])  # logits' kernel and bias
-
+    """Stopped inside the first phase, between the two, or inside the second, then run
+    again: the same trainable weights each epoch, the same learning rates."""
+    whole = fine_tuning_run
+    assert len(whole["trainable"][0]) == 2 < len(whole["trainable"][2])  # logits: kernel, bias
     resumed = Recorder()
-    work = tmp_path / "stopped"
-    assert train.main(tiny_run(dataset, work, *flags),
-                      extra_callbacks=[StopAt(stop_at), resumed]) == 130
-    assert train.main(tiny_run(dataset, work, *flags), extra_callbacks=[resumed]) == 0
-    assert resumed.trainable == whole.trainable
-    assert learning_rates(work / "Output") == pytest.approx(
-        learning_rates(tmp_path / "whole" / "Output"), rel=1e-6)
-    assert not (work / "Output" / run_folder.BACKUP_DIR).exists()
+    command = tiny_run(whole["dataset"], tmp_path, *whole["flags"])
+    assert train.main(command, extra_callbacks=[StopAt(stop_at), resumed]) == 130
+    assert train.main(command, extra_callbacks=[resumed]) == 0
+    assert resumed.trainable == whole["trainable"]
+    assert learning_rates(tmp_path / "Output") == pytest.approx(whole["learning_rates"],
+                                                                 rel=1e-6)
+    assert not (tmp_path / "Output" / run_folder.BACKUP_DIR).exists()
 
 
 @pytest.mark.slow
