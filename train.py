@@ -175,10 +175,9 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
 
 
 def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
-    """The four steps; returns the run's reports.RunSummary (with --lr-find: the range test
-    and its plot instead of steps 3 and 4). extra_callbacks go to fit
-    (before the backup); build_model builds the network like networks.create; policy, a Keras
-    dtype policy, overrides the one --precision chooses."""
+    """The four steps; returns the run's reports.RunSummary (--lr-find: the range test and its
+    plot). extra_callbacks go to fit (before the backup); build_model builds the network like
+    networks.create; policy, a Keras dtype policy, overrides the one --precision chooses."""
     strategy = distributed.choose_strategy(args.strategy, args.devices, args.worker_addresses,
                                            args.worker_index)
     # Before any image is loaded or file written: a missing weights file is one line, at once.
