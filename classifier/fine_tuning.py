@@ -20,7 +20,7 @@ from classifier.cli import UserError
 
 log = logging.getLogger("fine_tuning")
 
-OUTPUT_LAYER, ACTIVATION = "logits", "probabilities"
+OUTPUT_LAYER, ACTIVATION = networks.OUTPUT_LAYER, networks.ACTIVATION
 
 
 @dataclass(frozen=True)

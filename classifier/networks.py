@@ -35,6 +35,8 @@ from classifier.cli import UserError
 log = logging.getLogger("networks")
 
 DEFAULT = "vgg"
+# Every network ends in these two layers (vgg.py names them the same).
+OUTPUT_LAYER, ACTIVATION = "logits", "probabilities"
 KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # A machine without a network must hear so at once, not after a long connection time-out.
 REACHABLE_WITHIN_SECONDS = 5
@@ -122,9 +124,9 @@ def _application(name, constructor, preprocessing=None, after_loading=None):
                 layer.synchronized = synchronized_bn
         x = layers.GlobalAveragePooling2D(name="pool")(base.output)
         x = layers.Dropout(0.2, name="head_dropout")(x)
-        x = layers.Dense(num_classes, name="logits")(x)
+        x = layers.Dense(num_classes, name=OUTPUT_LAYER)(x)
         outputs = layers.Activation("sigmoid" if multi_label else "softmax", dtype="float32",
-                                    name="probabilities")(x)
+                                    name=ACTIVATION)(x)
         model = keras.Model(inputs, outputs, name=name)
         if weights is not None and after_loading:
             after_loading(model)
@@ -259,7 +261,7 @@ def with_dtype_policy(model, policy):
     def in_policy(layer):
         config = layer.get_config()
         if "dtype" in config:  # not in the plain operations (x + 3) of keras.applications
-            config["dtype"] = "float32" if layer.name == "probabilities" else policy
+            config["dtype"] = "float32" if layer.name == ACTIVATION else policy
         return layer.__class__.from_config(config)
 
     twin = keras.models.clone_model(model, clone_function=in_policy)
