@@ -18,8 +18,8 @@ import classifier  # noqa: F401  first: it starts TensorFlow quietly, before ker
 import keras
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
-from classifier import (artifacts, augmentation, callbacks, cli, dataset, distributed,
-                        fine_tuning, hardware, multi_worker, networks, pipelines, reports,
+from classifier import (artifacts, augmentation, calibration, callbacks, cli,
+                        confidence_report, dataset, distributed, fine_tuning, hardware, multi_worker, networks, pipelines, reports,
                         run_folder, schedules, settings)
 
 log = logging.getLogger("train")
@@ -40,12 +40,12 @@ def load_data(args, output):
     data_mode = hardware.choose_data_mode(args.data_mode, dataset.size_in_bytes(folders),
                                           hardware.available_memory())
     splits = dataset.split(folders, binarizer, targets, args.test_size, args.seed,
-                           in_memory=data_mode == "memory")
+                           in_memory=data_mode == "memory", val_size=args.val_size)
     classes = [str(name) for name in binarizer.classes_]
     log.info("%d %s: %s", len(classes), "labels" if args.multi_label else "classes", ", ".join(
         f"{name} ({count:.0f})" for name, count in zip(classes, targets.sum(axis=0))))
     log.info("training on %d images, validating on %d%s, testing on %d", len(splits.train.x),
-             len(splits.validation.x), "" if args.val_dir else " (the test split)",
+             len(splits.validation.x), "" if splits.has_validation else " (the test split)",
              len(splits.test.x))
     return binarizer, classes, splits, data_mode
 
@@ -158,18 +158,35 @@ def train_model(args, output, logs, run_name, strategy, model, augment, splits, 
 
 
 def evaluate_and_save(args, output, model, classes, splits, summary):
-    """4. Evaluate and save: the model, the report on the test split, the plots, report.html;
-    summary gets the test accuracy and the model's path."""
+    """4. Evaluate and save: the probabilities calibrated on the validation part, the model,
+    the report on the test split, the plots, report.html; summary gets the test accuracy and
+    the model's path."""
+    up_to_logits = calibration.logits_model(model)
+    test_logits = calibration.view_logits(
+        up_to_logits, pipelines.batches(splits.test.x, splits.test.y, args.batch_size),
+        args.tta)
+    if splits.has_validation:
+        summary.temperature = calibration.fit_temperature(calibration.view_logits(
+            up_to_logits, pipelines.batches(splits.validation.x, splits.validation.y,
+                                            args.batch_size))[0],
+            splits.validation.y, args.multi_label)
+        model = calibration.with_temperature(model, summary.temperature, args.multi_label)
+    else:
+        log.warning("no validation part (--val-dir, --val-size): the probabilities are not "
+                    "calibrated")
+    before, after = (reports.evaluate(
+        calibration.view_probabilities(test_logits, args.multi_label, temperature),
+        splits.test.y, args.multi_label, args.threshold)
+        for temperature in (1.0, summary.temperature or 1.0))
     summary.model = artifacts.save_model(model, output, args.model)
-    evaluation = reports.evaluate(
-        model, pipelines.batches(splits.test.x, splits.test.y, args.batch_size), splits.test.y,
-        args.multi_label, args.threshold, args.tta)
     text, scores, summary.test_accuracy = reports.save_test_reports(
-        evaluation, splits.test.x, classes, output)
+        after, splits.test.x, classes, output)
+    trust = confidence_report.save(before, after if summary.temperature else None,
+                                   summary.temperature, len(splits.validation.x), output)
     history = run_folder.read_history(output)
     if history:
         reports.save_training_plot(history, output)
-    reports.write_html(output, summary.facts(), scores)
+    reports.write_html(output, summary.facts(), scores, trust)
     print(text)
     print(f"report: {os.path.join(output, reports.HTML)}")
 
@@ -217,7 +234,7 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
         artifacts.save_labels(binarizer, output, args.image_size, args.model,
                               started_from=args.init_from or args.weights)
         reports.save_overview(classes, splits.train, splits.test, splits.validation
-                              if splits.has_validation_folder else None, output)
+                              if splits.has_validation else None, output)
         settings.write_config(args, output, output=output, logs=logs, run_name=run_name,
                               classes=classes, train_images=summary.training_images,
                               test_images=summary.test_images, data_mode=data_mode,

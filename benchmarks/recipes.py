@@ -165,9 +165,10 @@ def print_table(results):
 
 def evaluate_tta(output):
     """Accuracy and macro F1 of output's model on its own test images, --tta off and on."""
+    import numpy as np
     from sklearn.metrics import f1_score
 
-    from classifier import artifacts, dataset, pipelines, reports, settings
+    from classifier import artifacts, dataset, inference, pipelines, reports, settings
     config = json.load(open(os.path.join(output, "config.json")))
     args = settings.parse_args([])
     vars(args).update({key: value for key, value in config.items() if key in vars(args)})
@@ -178,12 +179,14 @@ def evaluate_tta(output):
     binarizer = artifacts.load_labels(os.path.join(output, artifacts.LABELS_FILE))
     targets = artifacts.one_hot(binarizer, folders["train"].labels)
     test = dataset.split(folders, binarizer, targets, args.test_size, args.seed,
-                         in_memory=True).test
+                         in_memory=True, val_size=args.val_size).test
     model = artifacts.load_model(
         artifacts.model_path(None, os.path.join(output, artifacts.LABELS_FILE)))
     for tta in (False, True):
-        found = reports.evaluate(model, pipelines.batches(test.x, test.y, args.batch_size),
-                                 test.y, False, 0.5, tta)
+        found = reports.evaluate(np.concatenate([
+            inference.probabilities(model, images.numpy(), tta)
+            for images, _ in pipelines.batches(test.x, test.y, args.batch_size)]),
+            test.y, False, 0.5)
         print(f"{output}: --tta {'on' if tta else 'off'}: test accuracy "
               f"{(found.true == found.predicted).mean():.4f}, macro F1 "
               f"{f1_score(found.true, found.predicted, average='macro'):.4f} "

@@ -65,9 +65,9 @@ class Split:
 @dataclass
 class Splits:
     train: Split
-    validation: Split  # the test split itself unless --val-dir, as in the blog
+    validation: Split  # the test split itself unless --val-dir or --val-size, as in the blog
     test: Split
-    has_validation_folder: bool
+    has_validation: bool  # a validation part of its own
 
 
 def load_folders(roots, labelling, decoding, seed):
@@ -190,38 +190,44 @@ def size_in_bytes(loaded):
     return sum(folder.images.size for folder in loaded.values())
 
 
-def split(loaded, binarizer, targets, test_size, seed, in_memory):
+def split(loaded, binarizer, targets, test_size, seed, in_memory, val_size=0.0):
     """The training, validation and test splits: the test split is held out of --dataset
-    unless --test-dir gives it, and doubles as validation data unless --val-dir is given.
+    unless --test-dir gives it; the validation split is --val-dir, or val_size of --dataset
+    held out of what is left for training, or else the test split itself, as in the blog.
     targets are the binarized labels of --dataset; the images end up in memory, or still on
     disk when not in_memory."""
     train = loaded["train"]
+    # With several labels per image, each combination of labels is a stratum.
+    strata = np.array([str(label) for label in train.labels])
+    train_at = np.arange(len(strata))
     if "test" in loaded:
-        training = Split(take(train.images, slice(None), in_memory), targets)
         test = own_split(loaded["test"], binarizer, in_memory)
     else:
-        training, test = split_off_test(train.images, train.labels, targets, test_size, seed,
-                                        in_memory)
+        train_at, test_at = stratified_split(train_at, strata, test_size, seed)
+        test = Split(take(train.images, test_at, in_memory), targets[test_at])
+    validation = None
     if "validation" in loaded:
-        return Splits(training, own_split(loaded["validation"], binarizer, in_memory), test,
-                      True)
-    return Splits(training, test, test, False)
+        validation = own_split(loaded["validation"], binarizer, in_memory)
+    elif val_size:
+        train_at, val_at = stratified_split(train_at, strata[train_at],
+                                            round(val_size * len(strata)), seed)
+        validation = Split(take(train.images, val_at, in_memory), targets[val_at])
+    whole = len(train_at) == len(strata)  # all of --dataset: no copy in memory
+    training = Split(take(train.images, slice(None) if whole else train_at, in_memory),
+                     targets[train_at])
+    if validation is None:
+        return Splits(training, test, test, False)
+    return Splits(training, validation, test, True)
 
 
-def split_off_test(data, labels, targets, test_size, seed, in_memory):
-    """Stratified split into (training, test); falls back to a plain random split when some
-    class is too small."""
-    positions = np.arange(len(labels))
-    # With several labels per image, each combination of labels is a stratum.
-    strata = [str(label) for label in labels]
+def stratified_split(positions, strata, size, seed):
+    """positions split into (kept, held out), size of them held out (a fraction, or a count),
+    stratified by strata; a plain random split when some stratum is too small."""
     try:
-        train_at, test_at = train_test_split(positions, test_size=test_size,
-                                             random_state=seed, stratify=strata)
+        return train_test_split(positions, test_size=size, random_state=seed, stratify=strata)
     except ValueError as error:
         log.warning("cannot stratify the split (%s); splitting at random", error)
-        train_at, test_at = train_test_split(positions, test_size=test_size, random_state=seed)
-    return (Split(take(data, train_at, in_memory), targets[train_at]),
-            Split(take(data, test_at, in_memory), targets[test_at]))
+        return train_test_split(positions, test_size=size, random_state=seed)
 
 
 def own_split(folder, binarizer, in_memory):

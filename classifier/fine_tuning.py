@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import keras
 
-from classifier import artifacts, networks, run_folder
+from classifier import artifacts, calibration, networks, run_folder
 from classifier.cli import UserError
 
 log = logging.getLogger("fine_tuning")
@@ -87,14 +87,17 @@ def begin(model, phase, phases, first_epoch, output):
 
 
 def start_from(path, classes, multi_label, policy):
-    """The model trained here before at path, in this run's dtype policy, and whether it got a
-    new output layer: it does unless its labels.json lists the same classes in the same order
+    """The model trained here before at path, without its temperature, in this run's dtype
+    policy, and whether it got a new output layer: it does unless its labels.json lists the same classes in the same order
     and it is multi-label exactly when this run is."""
     earlier = artifacts.load_model(path)
     info = artifacts.load_info(path) or {}
     same = (info.get("classes") == list(classes)
             and info.get("multi_label", False) == multi_label)
-    if not same:
+    if same:
+        # The temperature suited the earlier training; this run fits its own.
+        earlier = calibration.with_temperature(earlier, None, multi_label)
+    else:
         try:
             features = earlier.get_layer(OUTPUT_LAYER).input
         except ValueError:
@@ -103,5 +106,5 @@ def start_from(path, classes, multi_label, policy):
         x = keras.layers.Dense(len(classes), name=OUTPUT_LAYER)(features)
         outputs = keras.layers.Activation("sigmoid" if multi_label else "softmax",
                                           dtype="float32", name=ACTIVATION)(x)
-        earlier = keras.Model(earlier.inputs, outputs, name=earlier.name)
+        earlier = keras.Model(earlier.input, outputs, name=earlier.name)
     return networks.with_dtype_policy(earlier, policy), not same

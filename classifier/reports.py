@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
                              multilabel_confusion_matrix)
 
-from classifier import artifacts, inference
+from classifier import artifacts
 
 REPORT_TEXT = "classification_report.txt"
 REPORT_JSON = "classification_report.json"
@@ -29,6 +29,9 @@ CONFUSION_MATRIX = "confusion_matrix.png"
 TRAINING_PLOT = "training_plot.png"
 OVERVIEW = "dataset_overview.png"
 MISTAKES = "confident_mistakes.png"
+CALIBRATION_PLOT = "calibration.png"  # these three: confidence_report.py
+COVERAGE_PLOT = "coverage.png"
+CALIBRATION_JSON = "calibration.json"
 HTML = "report.html"
 SAMPLES_PER_CLASS = 8
 # Test images shown in confident_mistakes.png.
@@ -67,12 +70,13 @@ class RunSummary:
     interrupted: int = 0  # the exit code of what stopped training early (130, 143), or 0
     model: str = None
     test_accuracy: float = None  # exact-match accuracy for a multi-label model
+    temperature: float = None  # None: not calibrated (no validation part)
 
     @classmethod
     def of(cls, args, output, tensorboard_run, classes, splits, data_mode, precision):
         return cls(output, tensorboard_run, args.multi_label, args.threshold, args.epochs,
                    classes, len(splits.train.x),
-                   len(splits.validation.x) if splits.has_validation_folder else None,
+                   len(splits.validation.x) if splits.has_validation else None,
                    len(splits.test.x), args.image_size, data_mode, precision, args.tta)
 
     def facts(self):
@@ -87,17 +91,17 @@ class RunSummary:
             "validation images": self.validation_images or "the test split",
             "test images": self.test_images, "image size": f"{self.image_size}x{self.image_size}",
             "precision": self.precision,
+            "calibration": (f"temperature {self.temperature:.3f}" if self.temperature
+                            else "none: no validation part"),
             "test-time augmentation": ("on: each image and its mirror image, probabilities "
                                        "averaged" if self.tta else "off"),
             "training time": f"{self.seconds:.0f} s",
             "TensorBoard run": self.tensorboard_run}
 
 
-def evaluate(model, test_batches, test_y, multi_label, threshold, tta=False):
-    """Evaluation of model on the test split's batches, whose targets are test_y, with
-    test-time augmentation when tta (inference.probabilities)."""
-    probabilities = np.concatenate([inference.probabilities(model, images.numpy(), tta)
-                                    for images, _ in test_batches])
+def evaluate(probabilities, test_y, multi_label, threshold):
+    """The evaluation of the model's probabilities on the test split, whose targets are
+    test_y."""
     if multi_label:  # label indicator rows: what scikit-learn takes as multi-label
         return Evaluation(test_y.astype(int), (probabilities >= threshold).astype(int),
                           probabilities, threshold)
@@ -295,8 +299,9 @@ def save_confident_mistakes(pictures, true, probabilities, classes, output, thre
     save_figure(figure, os.path.join(output, MISTAKES))
 
 
-def write_html(output, summary, report):
-    """report.html: the run's figures, pictures and per-class scores on one page."""
+def write_html(output, summary, report, trust=()):
+    """report.html: the run's figures, pictures and per-class scores on one page; trust: the
+    lines of confidence_report about the calibration and --min-confidence."""
     def link(name):
         return f'<a href="{html.escape(name)}">{html.escape(name)}</a>'
 
@@ -321,7 +326,8 @@ def write_html(output, summary, report):
         accuracy_row = (f'<tr><th>accuracy</th><td colspan="4">{report.get("accuracy", 0):.4f}'
                         '</td></tr>')
     files = [name for name in (REPORT_TEXT, REPORT_JSON, "history.csv", "config.json",
-                               "labels.json", "skipped_files.csv", artifacts.MODEL_FILE)
+                               "labels.json", CALIBRATION_JSON, "skipped_files.csv",
+                               artifacts.MODEL_FILE)
              if os.path.exists(os.path.join(output, name))]
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -346,6 +352,10 @@ img {{ max-width: 100%; }}
 {accuracy_row}</table>
 {picture(CONFUSION_MATRIX, "Confusion matrix (test split)")}
 {picture(MISTAKES, "The most confident mistakes")}
+<h2>How far to trust its confidence</h2>
+{"".join(f"<p>{html.escape(line)}</p>" for line in trust)}
+{picture(CALIBRATION_PLOT, "Reliability: accuracy against confidence (test split)")}
+{picture(COVERAGE_PLOT, "Accuracy against the share answered, for --min-confidence")}
 <h2>Files</h2>
 <ul>{"".join(f"<li>{link(name)}</li>" for name in files)}</ul>
 </body>

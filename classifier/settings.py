@@ -21,7 +21,7 @@ RECIPES = {"fast": {"epochs": 25, "schedule": "onecycle", "optimizer": "adamw", 
 AT_LEAST_ONE, COUNT, FRACTION = Range(1), Range(0), Range(0, 1, low_open=True, high_open=True)
 # Every numeric setting and the values it allows, flag or config key alike.
 RANGES = {
-    "test_size": FRACTION, "threshold": FRACTION,
+    "test_size": FRACTION, "val_size": Range(0, 1, high_open=True), "threshold": FRACTION,
     "image_size": Range(16, 1024, why="the networks take 16 (vgg) or 32 at the least"),
     "max_pixels": AT_LEAST_ONE, "workers": AT_LEAST_ONE, "epochs": AT_LEAST_ONE,
     "batch_size": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE,
@@ -58,13 +58,17 @@ def _data_flags(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="Dataset", help="folder with one sub-folder per class")
     group.add_argument("--val-dir", default=None,
-                       help="validation images, one sub-folder per class; none means the test "
-                            "split doubles as validation data, as in the blog")
+                       help="validation images, one sub-folder per class; none means --val-size "
+                            "of --dataset, or with 0 the test split doubles as validation data, "
+                            "as in the blog")
     group.add_argument("--test-dir", default=None,
                        help="test images, one sub-folder per class; none means --test-size of "
                             "--dataset is held out")
     group.add_argument("--test-size", type=float, default=0.15,
                        help="fraction held out for testing")
+    group.add_argument("--val-size", type=float, default=0.0,
+                       help="fraction of --dataset held out for validation, which also "
+                            "calibrates the probabilities; 0: none")
     group.add_argument("--image-size", type=int, default=64, help="images are resized to NxN")
     group.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                        help="refuse images whose header claims more pixels than this")
@@ -289,6 +293,11 @@ def check(args):
     """Refuse, before anything is loaded, settings that cannot work together or at all."""
     check_ranges(args, RANGES)
     networks.check_image_size(args.model, args.image_size)
+    if args.val_size and args.val_dir:
+        raise UserError("--val-dir is the validation part: drop --val-size")
+    if args.val_size + (0 if args.test_dir else args.test_size) >= 1:
+        raise UserError(f"--val-size {args.val_size} and --test-size {args.test_size} leave no "
+                        "training images")
     if args.init_from and args.weights is not None:
         raise UserError("--init-from brings its own weights: drop --weights")
     if args.no_cache and args.data_mode == "stream":

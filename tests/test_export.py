@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import export
 import main
-from classifier import images, networks
+from classifier import calibration, images, networks
 
 
 def sample_pixels(trained_run, size):
@@ -44,8 +44,11 @@ def run_onnx(path, pixels):
 @pytest.mark.parametrize("kind, runner", [("savedmodel", run_savedmodel),
                                           ("tflite", run_tflite), ("onnx", run_onnx)])
 def test_exported_model_matches_the_keras_model(trained_run, tmp_path, kind, runner):
+    """A calibrated model, its temperature included: the exports give calibrated numbers."""
     output = trained_run["output"]
-    model_path = os.path.join(output, "vgg_model.keras")
+    trained = keras.models.load_model(os.path.join(output, "vgg_model.keras"))
+    model_path = str(tmp_path / "vgg_model.keras")
+    calibration.with_temperature(trained, 3.0, multi_label=False).save(model_path)
     target = str(tmp_path / export.FORMATS[kind][1])
     code = main.main(["export", "--format", kind, "--model", model_path, "--labels",
                       os.path.join(output, "labels.pickle"), "--output", target])
@@ -61,6 +64,7 @@ def test_exported_model_matches_the_keras_model(trained_run, tmp_path, kind, run
     np.testing.assert_allclose(exported, expected, atol=1e-4)
     # The model as trained: bfloat16 where the CPU computes it natively (8 bits of mantissa).
     np.testing.assert_allclose(exported, model.predict(pixels, verbose=0), atol=0.02)
+    assert np.abs(exported - trained.predict(pixels, verbose=0)).max() > 0.02  # calibrated
 
 
 def test_exporting_without_a_model_is_a_one_line_error(tmp_path, caplog):

@@ -89,9 +89,10 @@ def split_both_ways(tmp_path):
     labels = np.array(["a", "b"] * 10)
     targets = np.eye(2, dtype=np.float32)[(labels == "b").astype(int)]
     rows, _, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"), progress=False)
-    in_memory = dataset.split_off_test(rows, labels, targets, 0.15, 3, in_memory=True)
-    streamed = dataset.split_off_test(rows, labels, targets, 0.15, 3, in_memory=False)
-    return in_memory, streamed
+    loaded = {"train": dataset.Folder(rows, labels)}
+    in_memory = dataset.split(loaded, None, targets, 0.15, 3, in_memory=True)
+    streamed = dataset.split(loaded, None, targets, 0.15, 3, in_memory=False)
+    return (in_memory.train, in_memory.test), (streamed.train, streamed.test)
 
 
 def test_streaming_and_in_memory_give_the_same_batches(tmp_path):
