@@ -26,7 +26,7 @@ import imutils
 import numpy as np
 from tqdm import tqdm
 
-from classifier import artifacts, cli, images, inference
+from classifier import artifacts, calibration, cli, images, inference
 from classifier.cli import Range, UserError
 
 log = logging.getLogger("predict")
@@ -35,7 +35,10 @@ FORMATS = ("table", "csv", "json")
 # The montage shows the first images only: a grid of thousands could not be read anyway.
 MONTAGE_COLUMNS, MONTAGE_ROWS, TILE = 8, 8, 200
 RANGES = {"top_k": Range(1), "threshold": Range(0, 1, low_open=True, high_open=True),
-          "batch_size": Range(1), "workers": Range(1), "max_pixels": Range(1)}
+          "min_confidence": Range(0, 1), "batch_size": Range(1), "workers": Range(1),
+          "max_pixels": Range(1)}
+UNKNOWN = "unknown"
+KNOWN_COLOUR, UNKNOWN_COLOUR = (0, 255, 0), (0, 165, 255)  # BGR: green, orange
 
 
 def build_parser():
@@ -58,10 +61,15 @@ def build_parser():
     labelling.add_argument("--threshold", type=float, default=0.5,
                            help="multi-label models: report every label whose probability "
                                 "reaches this")
+    labelling.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                           help=f"answer '{UNKNOWN}' when the top probability is under P (multi-"
+                                "label models: when any label's yes or no is less sure than "
+                                "P); report.html suggests a P")
     results = parser.add_argument_group("output")
     results.add_argument("--format", choices=FORMATS, default="table",
                          help="table: 'path: label 97.42%%' lines; csv: path,rank,label,"
-                              "probability,error rows; json: a list of objects")
+                              "probability,error rows (and answer, with --min-confidence); "
+                              "json: a list of objects")
     results.add_argument("--results", default=None,
                          help="write the results to this file instead of the standard output")
     results.add_argument("--output", default=os.path.join(artifacts.OUTPUT, "predictions"),
@@ -99,25 +107,25 @@ def expand_inputs(inputs):
     return found, missing
 
 
-def annotate(image_rgb, lines):
+def annotate(image_rgb, lines, colour=KNOWN_COLOUR):
     """A copy of the image, 400 pixels wide like the blog's figures, with one line of text
     per label drawn on it."""
     canvas = imutils.resize(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), width=400)
     cv2.rectangle(canvas, (0, 0), (400, 10 + 28 * len(lines)), (0, 0, 0), -1)
     for row, text in enumerate(lines):
         cv2.putText(canvas, text, (10, 29 + 28 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.7,
-                    (0, 255, 0), 2, cv2.LINE_AA)
+                    colour, 2, cv2.LINE_AA)
     return canvas
 
 
-def tile(image_rgb, lines):
+def tile(image_rgb, lines, colour=KNOWN_COLOUR):
     """One square cell of the montage, the labels on a band at its top."""
     cell = cv2.resize(cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), (TILE, TILE),
                       interpolation=cv2.INTER_AREA)
     cv2.rectangle(cell, (0, 0), (TILE, 6 + 16 * len(lines)), (0, 0, 0), -1)
     for row, text in enumerate(lines):
         cv2.putText(cell, text, (4, 17 + 16 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-                    (0, 255, 0), 1, cv2.LINE_AA)
+                    colour, 1, cv2.LINE_AA)
     return cell
 
 
@@ -142,30 +150,47 @@ def save_montage(path, tiles):
 def table_line(result):
     if "error" in result:
         return f"{result['path']}: error: {result['error']}"
-    return f"{result['path']}: " + (", ".join(
-        f"{label} {probability * 100:.2f}%" for label, probability in result["predictions"])
-        or "no label")
+    labels = ", ".join(f"{label} {probability * 100:.2f}%"
+                       for label, probability in result["predictions"]) or "no label"
+    return f"{result['path']}: " + (f"{UNKNOWN} ({labels})" if result.get("unknown") else labels)
 
 
-def format_results(results, kind):
-    """The results as the text of a table, CSV or JSON file."""
+def answer(result, multi_label):
+    """What the model answers for an image under --min-confidence: unknown, its class, or
+    for a multi-label model the list of its labels."""
+    if result.get("unknown"):
+        return UNKNOWN
+    labels = [label for label, _ in result["predictions"]]
+    return labels if multi_label else labels[0]
+
+
+def format_results(results, kind, answers=False, multi_label=False):
+    """The results as the text of a table, CSV or JSON file; answers: with each image's
+    answer (--min-confidence)."""
     if kind == "table":
         return "".join(table_line(result) + "\n" for result in results)
     if kind == "json":
         return json.dumps([
             {"path": result["path"], "error": result["error"]} if "error" in result else
-            {"path": result["path"], "predictions": [
-                {"label": label, "probability": probability}
-                for label, probability in result["predictions"]]}
+            {"path": result["path"], **({"answer": answer(result, multi_label)} if answers
+                                        else {}),
+             "predictions": [{"label": label, "probability": probability}
+                             for label, probability in result["predictions"]]}
             for result in results], indent=2) + "\n"
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "rank", "label", "probability", "error"])
+    writer.writerow(["path", "rank", "label", "probability", "error"] + ["answer"] * answers)
     for result in results:
         if "error" in result:
-            writer.writerow([result["path"], "", "", "", result["error"]])
-        for rank, (label, probability) in enumerate(result.get("predictions", []), start=1):
-            writer.writerow([result["path"], rank, label, f"{probability:.6f}", ""])
+            writer.writerow([result["path"], "", "", "", result["error"]] + [""] * answers)
+            continue
+        said = answer(result, multi_label) if answers else ""
+        said = ";".join(said) if isinstance(said, list) else said
+        for rank, (label, probability) in enumerate(result["predictions"], start=1):
+            writer.writerow([result["path"], rank, label, f"{probability:.6f}", ""]
+                            + [said] * answers)
+        if not result["predictions"] and answers:  # a multi-label image with no label
+            writer.writerow([result["path"], "", "", "", "", said])
     return text.getvalue()
 
 
@@ -229,20 +254,24 @@ class Labeller:
             return results
         batch = np.stack([pixels for _, pixels in loaded]).astype("float32")
         drawings = []
-        for (path, _), probabilities in zip(loaded, inference.probabilities(
-                self.model, batch, self.args.tta)):
+        found = inference.probabilities(self.model, batch, self.args.tta)
+        unsure = calibration.confidence(found, self.multi_label) < self.args.min_confidence
+        for (path, _), probabilities, unknown in zip(loaded, found, unsure):
             predictions = chosen_labels(probabilities, self.classes, self.multi_label,
                                         self.top_k, self.args.threshold)
-            results.append({"path": path, "predictions": predictions})
+            results.append({"path": path, "predictions": predictions, "unknown": unknown})
             if streaming:
                 print(table_line(results[-1]))
             # The blog draws the top class; a multi-label image gets each of its labels.
             lines = [f"{label} {probability * 100:.2f}%" for label, probability in
                      (predictions if self.multi_label else predictions[:1])] or ["no label"]
+            if unknown:
+                lines = [UNKNOWN] + [f"({line})" for line in lines]
             want_tile = len(self.tiles) + len(drawings) < self.montage_size
             if self.args.annotate or want_tile:
                 name = output_name(path, self.taken) if self.args.annotate else None
-                drawings.append(pool.submit(self.draw, path, lines, name, want_tile))
+                drawings.append(pool.submit(self.draw, path, lines, name, want_tile,
+                                            UNKNOWN_COLOUR if unknown else KNOWN_COLOUR))
         for drawing in drawings:
             cell = drawing.result()  # a write error stops the run here
             if cell is not None:
@@ -257,12 +286,12 @@ class Labeller:
         except images.ImageError as error:
             return path, None, str(error)
 
-    def draw(self, path, lines, name, want_tile):
+    def draw(self, path, lines, name, want_tile, colour):
         # The full-size picture for the pictures; the model saw load_image's pixels.
         original = images.decode_image(path, self.args.max_pixels)
         if name:
-            save_jpeg(os.path.join(self.args.output, name), annotate(original, lines))
-        return tile(original, lines) if want_tile else None
+            save_jpeg(os.path.join(self.args.output, name), annotate(original, lines, colour))
+        return tile(original, lines, colour) if want_tile else None
 
 
 def predict(args):
@@ -282,12 +311,13 @@ def predict(args):
         for start in range(0, len(paths), args.batch_size):
             results += labeller.label(paths[start:start + args.batch_size], pool, streaming)
             bar.update(min(args.batch_size, len(paths) - start))
+    answers = {"answers": args.min_confidence > 0, "multi_label": labeller.multi_label}
     if args.results:
         with artifacts.atomic_path(args.results) as temporary:
             with open(temporary, "w", encoding="utf-8", newline="") as handle:
-                handle.write(format_results(results, args.format))
+                handle.write(format_results(results, args.format, **answers))
     elif not streaming:
-        sys.stdout.write(format_results(results, args.format))
+        sys.stdout.write(format_results(results, args.format, **answers))
     if labeller.tiles:
         save_montage(args.montage, labeller.tiles)
     return sum("error" in result for result in results)

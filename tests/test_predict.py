@@ -149,3 +149,36 @@ def test_json_to_standard_output_and_a_montage(trained_run, capsys, tmp_path):
     picture = images.decode_image(str(montage))
     assert picture.shape == (2 * predict.TILE, 8 * predict.TILE, 3)  # 12 images: 8 + 4
     assert len(os.listdir(tmp_path / "copies")) == 12
+
+
+def test_min_confidence_answers_unknown_in_every_format(trained_run, capsys, tmp_path):
+    """Under --min-confidence an image is 'unknown': in the table, the CSV and JSON answers,
+    and on its annotated copy (orange, not green); the exit code stays 0."""
+    image = os.path.join(trained_run["dataset"], "red_dress", "red_dress_0000.jpg")
+    outputs = {}
+    for kind in ("table", "csv", "json"):
+        code, outputs[kind], _ = predict_many(
+            trained_run, capsys, "--image", image, "--format", kind, "--min-confidence", "1",
+            "--output", str(tmp_path / kind))
+        assert code == 0
+    assert re.fullmatch(r".+: unknown \(\S+ \d+\.\d{2}%\)\n", outputs["table"])
+    row = next(csv.DictReader(outputs["csv"].splitlines()))
+    assert row["answer"] == "unknown" and row["label"] in os.listdir(trained_run["dataset"])
+    said = json.loads(outputs["json"])[0]
+    assert said["answer"] == "unknown" and said["predictions"][0]["probability"] < 1
+    band = images.decode_image(str(tmp_path / "table" / "red_dress_0000.jpg"))[:60]
+    red, green, blue = (band[..., channel].astype(int) for channel in range(3))
+    assert ((red > 200) & (green > 120) & (green < 210) & (blue < 80)).sum() > 50  # orange
+
+
+def test_without_min_confidence_the_outputs_are_as_before(trained_run, capsys, tmp_path):
+    image = os.path.join(trained_run["dataset"], "red_dress", "red_dress_0000.jpg")
+    _, out, _ = predict_many(trained_run, capsys, "--image", image, "--format", "csv",
+                             "--output", str(tmp_path))
+    assert out.splitlines()[0] == "path,rank,label,probability,error"
+    _, out, _ = predict_many(trained_run, capsys, "--image", image, "--format", "json",
+                             "--min-confidence", "0", "--output", str(tmp_path))
+    assert list(json.loads(out)[0]) == ["path", "predictions"]
+    _, out, _ = predict_many(trained_run, capsys, "--image", image, "--min-confidence",
+                             "0.01", "--output", str(tmp_path))
+    assert "unknown" not in out and LINE.match(out.strip())
