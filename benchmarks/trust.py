@@ -1,0 +1,145 @@
+"""How far a trained model's confidence can be trusted: the expected calibration error (15
+bins) on the test part before and after temperature scaling, the accuracy/coverage trade-off
+and the suggested --min-confidence, and how many photos of classes the model never saw it
+answers 'unknown'.
+
+    python benchmarks/trust.py train path/to/clothing-dataset-small --work trust-runs
+    python benchmarks/trust.py measure trust-runs/blog-25 [--unseen FOLDER] [--pictures DIR]
+
+train runs the plan: the blog recipe and the fast recipe, 25 epochs each, on train/ with the
+official validation/ and test/ folders; and the fast recipe on five of the ten classes
+(the first five by name), whose other five are the "never seen" photos (their test/ folders).
+measure takes a finished run's output folder: it rebuilds the run's validation and test
+parts from its config.json, fits the temperature on the validation part exactly as train.py
+does (calibration.py), and prints one table row. A run made before calibration existed, or a
+calibrated one, gives the same numbers: the temperature is refitted on the model's logits.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SEEN = 5  # the first five classes by name train the "never seen" model
+PLAN = {"blog-25": ([], None), "fast-25": (["--recipe", "fast"], None),
+        "fast-25-five-classes": (["--recipe", "fast"], SEEN)}
+
+
+def five_classes(data, work):
+    """A copy of data of links: train/, validation/ and test/ with the first five classes."""
+    root = os.path.join(work, "five-classes")
+    for part in ("train", "validation", "test"):
+        for name in sorted(os.listdir(os.path.join(data, part)))[:SEEN]:
+            os.makedirs(os.path.join(root, part), exist_ok=True)
+            link = os.path.join(root, part, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(data, part, name)), link)
+    return root
+
+
+def train(data, work):
+    for name, (flags, classes) in PLAN.items():
+        root = five_classes(data, work) if classes else data
+        started = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset",
+                        os.path.join(root, "train"), "--val-dir",
+                        os.path.join(root, "validation"), "--test-dir",
+                        os.path.join(root, "test"), "--epochs", "25", *flags, "--output",
+                        os.path.join(work, name), "--logs", os.path.join(work, "logs")],
+                       check=True)
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    unseen = sorted(os.listdir(os.path.join(data, "test")))[SEEN:]
+    print("never seen by fast-25-five-classes: "
+          + ", ".join(os.path.join(data, "test", name) for name in unseen))
+
+
+def measure(output, unseen, pictures):
+    import classifier  # noqa: F401  starts TensorFlow quietly
+    import numpy as np
+
+    from classifier import (artifacts, calibration, confidence_report, dataset, images,
+                            pipelines, reports, settings)
+
+    with open(os.path.join(output, "config.json")) as handle:
+        config = json.load(handle)
+    args = settings.parse_args([])
+    vars(args).update({key: value for key, value in config.items() if key in vars(args)})
+    labels = os.path.join(output, artifacts.LABELS_FILE)
+    binarizer = artifacts.load_labels(labels)
+    folders, _ = dataset.load_folders(
+        {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
+        dataset.Labelling(), dataset.Decoding(args.image_size, cache_dir=args.cache_dir),
+        args.seed)
+    splits = dataset.split(folders, binarizer,
+                           artifacts.one_hot(binarizer, folders["train"].labels),
+                           args.test_size, args.seed, in_memory=True,
+                           val_size=getattr(args, "val_size", 0.0))
+    model = artifacts.load_model(artifacts.model_path(None, labels))
+    up_to_logits = calibration.logits_model(model)
+
+    def logits_of(x, y):
+        return calibration.view_logits(up_to_logits, pipelines.batches(x, y, 64))
+
+    temperature = calibration.fit_temperature(
+        logits_of(splits.validation.x, splits.validation.y)[0], splits.validation.y, False)
+    test_logits = logits_of(splits.test.x, splits.test.y)
+    before, after = (reports.evaluate(calibration.view_probabilities(test_logits, False, t),
+                                      splits.test.y, False, 0.5) for t in (1.0, temperature))
+    row = {"run": os.path.basename(os.path.normpath(output)), "temperature": temperature,
+           "test_accuracy": float((after.true == after.predicted).mean()),
+           "mean_confidence_before": float(before.probabilities.max(axis=1).mean()),
+           "mean_confidence_after": float(after.probabilities.max(axis=1).mean()),
+           "ece_before": calibration.reliability(before.probabilities, before.true, False)[1],
+           "ece_after": calibration.reliability(after.probabilities, after.true, False)[1]}
+    suggestion = calibration.suggest_min_confidence(after.probabilities, after.true, False)
+    row["suggested_min_confidence"], row["coverage"], row["accuracy_answered"] = (
+        suggestion or (None, None, None))
+    if unseen:
+        paths = images.list_images(unseen)
+        pixels = np.stack([images.load_image(path, args.image_size) for path in paths])
+        logits = logits_of(pixels, np.zeros((len(paths), 1), "float32"))
+        for name, t in (("before", 1.0), ("after", temperature)):
+            sure = calibration.view_probabilities(logits, False, t).max(axis=1)
+            row[f"unseen_at_least_0.9_{name}"] = float((sure >= 0.9).mean())
+            if suggestion:
+                row[f"unseen_unknown_{name}"] = float((sure < suggestion[0]).mean())
+        row["unseen_images"] = len(paths)
+    if pictures:
+        os.makedirs(pictures, exist_ok=True)
+        confidence_report.save(before, after, temperature, len(splits.validation.y), pictures)
+    print(json.dumps(row))
+    return row
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    runs = commands.add_parser("train", help="train the plan's models")
+    runs.add_argument("data", help="a folder with train/, validation/ and test/")
+    runs.add_argument("--work", default="trust-runs", help="where the runs go")
+    figures = commands.add_parser("measure", help="measure a finished run")
+    figures.add_argument("output", help="the run's output folder")
+    figures.add_argument("--unseen", default=None,
+                         help="a folder of photos of classes the model never saw")
+    figures.add_argument("--pictures", default=None,
+                         help="write calibration.png and coverage.png here")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        train(args.data, args.work)
+    else:
+        measure(args.output, args.unseen, args.pictures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
