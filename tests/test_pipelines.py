@@ -143,3 +143,19 @@ def test_layer_augmentation_changes_each_image_differently():
     assert batch_x.dtype == np.float32
     assert not np.array_equal(batch_x[0], batch_x[1])
     assert not np.array_equal(batch_x[0], pattern[0].astype(np.float32))
+
+
+def test_val_size_holds_out_validation_and_leaves_the_test_split_as_it_was():
+    labels = np.array(["a", "b"] * 50)
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
+    targets = np.eye(2, dtype=np.float32)[(labels == "b").astype(int)]
+    loaded = {"train": dataset.Folder(images, labels)}
+    blog = dataset.split(loaded, None, targets, 0.15, 3, in_memory=True)
+    held = dataset.split(loaded, None, targets, 0.15, 3, in_memory=True, val_size=0.2)
+    assert not blog.has_validation and blog.validation is blog.test
+    assert held.has_validation
+    np.testing.assert_array_equal(held.test.x, blog.test.x)
+    assert (len(held.train.x), len(held.validation.x), len(held.test.x)) == (65, 20, 15)
+    seen = np.concatenate([held.train.x, held.validation.x, held.test.x]).ravel()
+    assert sorted(seen) == list(range(100))  # each image in one part
+    assert held.validation.y.sum(axis=0).tolist() == [10, 10]  # stratified

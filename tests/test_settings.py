@@ -40,6 +40,8 @@ def test_every_numeric_flag_has_a_range(parser, ranges):
     ("--image-size", "8", "--image-size must be at least 16 and at most 1024 (the networks"),
     ("--seed", "-1", "--seed must be at least 0"),
     ("--test-size", "1.5", "--test-size must be between 0 and 1, got 1.5"),
+    ("--val-size", "1", "--val-size must be at least 0 and less than 1, got 1.0"),
+    ("--val-size", "0.9", "--val-size 0.9 and --test-size 0.15 leave no training images"),
 ])
 def test_a_value_out_of_range_is_one_line_naming_flag_value_and_range(tmp_path, caplog, flag,
                                                                        value, message):
@@ -48,6 +50,12 @@ def test_a_value_out_of_range_is_one_line_naming_flag_value_and_range(tmp_path, 
                        flag, value]) == 2
     assert message in caplog.text
     assert "found" not in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_val_size_beside_a_validation_folder_is_refused(tmp_path, caplog):
+    assert train.main(["--dataset", str(tmp_path), "--val-dir", str(tmp_path), "--val-size",
+                       "0.1", "--output", str(tmp_path / "out")]) == 2
+    assert "--val-dir is the validation part: drop --val-size" in caplog.text
 
 
 def test_a_config_file_value_is_checked_like_the_flag(tmp_path, caplog):
