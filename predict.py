@@ -26,7 +26,7 @@ import imutils
 import numpy as np
 from tqdm import tqdm
 
-from classifier import artifacts, calibration, cli, images, inference
+from classifier import artifacts, calibration, cli, heatmaps, images, inference
 from classifier.cli import Range, UserError
 
 log = logging.getLogger("predict")
@@ -61,6 +61,9 @@ def build_parser():
     labelling.add_argument("--threshold", type=float, default=0.5,
                            help="multi-label models: report every label whose probability "
                                 "reaches this")
+    labelling.add_argument("--explain", action="store_true",
+                           help="write a Grad-CAM heat map of each image's top class, "
+                                "<name>_heatmap.png, and draw it over the annotated copy")
     labelling.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
                            help=f"answer '{UNKNOWN}' when the top probability is under P (multi-"
                                 "label models: when any label's yes or no is less sure than "
@@ -175,7 +178,8 @@ def format_results(results, kind, answers=False, multi_label=False):
             {"path": result["path"], **({"answer": answer(result, multi_label)} if answers
                                         else {}),
              "predictions": [{"label": label, "probability": probability}
-                             for label, probability in result["predictions"]]}
+                             for label, probability in result["predictions"]],
+             **({"heatmap": result["heatmap"]} if "heatmap" in result else {})}
             for result in results], indent=2) + "\n"
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -194,12 +198,16 @@ def format_results(results, kind, answers=False, multi_label=False):
     return text.getvalue()
 
 
-def save_jpeg(path, image_bgr):
+def save_jpeg(path, image_bgr, kind=".jpg"):
     """cv2.imwrite cannot write every file name on every system; Python's open can."""
-    encoded = cv2.imencode(".jpg", image_bgr)[1]
+    encoded = cv2.imencode(kind, image_bgr)[1]
     with artifacts.atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             handle.write(encoded.tobytes())
+
+
+def heatmap_name(name):
+    return os.path.splitext(name)[0] + "_heatmap.png"
 
 
 def output_name(path, taken):
@@ -239,6 +247,7 @@ class Labeller:
         self.top_k = max(1, min(args.top_k, len(classes)))
         self.montage_size = MONTAGE_COLUMNS * MONTAGE_ROWS if args.montage else 0
         self.taken, self.tiles = set(), []
+        self.explainer = heatmaps.Explainer(model) if args.explain else None
 
     def label(self, paths, pool, streaming):
         """The result of each path, a dict with "predictions" or "error"; lines go out as
@@ -256,7 +265,10 @@ class Labeller:
         drawings = []
         found = inference.probabilities(self.model, batch, self.args.tta)
         unsure = calibration.confidence(found, self.multi_label) < self.args.min_confidence
-        for (path, _), probabilities, unknown in zip(loaded, found, unsure):
+        # The evidence for the top class of the image itself (not its mirror image).
+        maps = (self.explainer.heat_maps(batch, found.argmax(axis=1)) if self.explainer
+                else [None] * len(loaded))
+        for (path, _), probabilities, unknown, heat_map in zip(loaded, found, unsure, maps):
             predictions = chosen_labels(probabilities, self.classes, self.multi_label,
                                         self.top_k, self.args.threshold)
             results.append({"path": path, "predictions": predictions, "unknown": unknown})
@@ -268,10 +280,14 @@ class Labeller:
             if unknown:
                 lines = [UNKNOWN] + [f"({line})" for line in lines]
             want_tile = len(self.tiles) + len(drawings) < self.montage_size
-            if self.args.annotate or want_tile:
-                name = output_name(path, self.taken) if self.args.annotate else None
+            if self.args.annotate or want_tile or heat_map is not None:
+                name = (output_name(path, self.taken)
+                        if self.args.annotate or heat_map is not None else None)
+                if heat_map is not None:
+                    results[-1]["heatmap"] = os.path.join(self.args.output, heatmap_name(name))
                 drawings.append(pool.submit(self.draw, path, lines, name, want_tile,
-                                            UNKNOWN_COLOUR if unknown else KNOWN_COLOUR))
+                                            UNKNOWN_COLOUR if unknown else KNOWN_COLOUR,
+                                            heat_map))
         for drawing in drawings:
             cell = drawing.result()  # a write error stops the run here
             if cell is not None:
@@ -286,10 +302,17 @@ class Labeller:
         except images.ImageError as error:
             return path, None, str(error)
 
-    def draw(self, path, lines, name, want_tile, colour):
-        # The full-size picture for the pictures; the model saw load_image's pixels.
+    def draw(self, path, lines, name, want_tile, colour, heat_map):
+        # The full-size picture for the pictures; the model saw load_image's pixels, which
+        # are the whole picture squashed to a square: the map stretches back onto it.
         original = images.decode_image(path, self.args.max_pixels)
-        if name:
+        if heat_map is not None:
+            height, width = original.shape[:2]
+            save_jpeg(os.path.join(self.args.output, heatmap_name(name)),
+                      heatmaps.grayscale_png_pixels(heatmaps.resize_to(heat_map, height,
+                                                                       width)), ".png")
+            original = heatmaps.overlay(original, heat_map)
+        if name and self.args.annotate:
             save_jpeg(os.path.join(self.args.output, name), annotate(original, lines, colour))
         return tile(original, lines, colour) if want_tile else None
 

@@ -180,7 +180,7 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
         for temperature in (1.0, summary.temperature or 1.0))
     summary.model = artifacts.save_model(model, output, args.model)
     text, scores, summary.test_accuracy = reports.save_test_reports(
-        after, splits.test.x, classes, output)
+        after, splits.test.x, classes, output, model)
     trust = confidence_report.save(before, after if summary.temperature else None,
                                    summary.temperature, len(splits.validation.x), output)
     history = run_folder.read_history(output)

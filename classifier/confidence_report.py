@@ -102,9 +102,13 @@ def save_coverage_plot(curve, suggestion, path):
     if suggestion:
         minimum, covered, right = suggestion
         axes.plot([covered], [right], "o", color="tab:red")
+        # The curve falls from the upper left to the lower right: the label goes above it
+        # to the right of the point, or below it to the left.
+        left = covered < 0.5
         axes.annotate(f"--min-confidence {minimum:.2f}\nanswers {covered * 100:.0f}%, "
                       f"{right * 100:.1f}% right", (covered, right), textcoords="offset points",
-                      xytext=(-10, -36), ha="right")
+                      xytext=(12, 12) if left else (-12, -12), ha="left" if left else "right",
+                      va="bottom" if left else "top")
     axes.set_xlim(0, 1.02)
     axes.set_ylim(max(0.0, min(accuracy.min(), calibration.TARGET_ACCURACY) - 0.05), 1.01)
     axes.set_xlabel("share of test images answered")

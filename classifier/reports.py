@@ -13,6 +13,7 @@ import html
 import os
 from dataclasses import dataclass
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs on servers without a display
@@ -21,7 +22,7 @@ import numpy as np
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
                              multilabel_confusion_matrix)
 
-from classifier import artifacts
+from classifier import artifacts, heatmaps
 
 REPORT_TEXT = "classification_report.txt"
 REPORT_JSON = "classification_report.json"
@@ -34,8 +35,9 @@ COVERAGE_PLOT = "coverage.png"
 CALIBRATION_JSON = "calibration.json"
 HTML = "report.html"
 SAMPLES_PER_CLASS = 8
-# Test images shown in confident_mistakes.png.
+# Test images shown in confident_mistakes.png, and the side of their heat-map overlays.
 MISTAKES_SHOWN = 16
+HEAT_MAP_SIDE = 192
 
 
 @dataclass
@@ -109,17 +111,20 @@ def evaluate(probabilities, test_y, multi_label, threshold):
                       threshold)
 
 
-def save_test_reports(evaluation, test_x, classes, output):
-    """The classification report, the confusion matrix and the most confident mistakes;
-    returns the report's text and scores, and the test accuracy (exact-match for a
-    multi-label model)."""
+def save_test_reports(evaluation, test_x, classes, output, model):
+    """The classification report, the confusion matrix and the most confident mistakes with
+    where model looked; returns the report's text and scores, and the test accuracy
+    (exact-match for a multi-label model)."""
     true, predicted = evaluation.true, evaluation.predicted
     text, scores = save_classification_report(true, predicted, classes, output)
     save_confusion_matrix(true, predicted, classes, output)
     wrong = confident_mistakes(true, evaluation.probabilities, MISTAKES_SHOWN,
                                evaluation.threshold)
-    save_confident_mistakes(test_x[wrong], true[wrong], evaluation.probabilities[wrong],
-                            classes, output, evaluation.threshold)
+    pictures = test_x[wrong]
+    maps = (heatmaps.Explainer(model).heat_maps(
+        pictures, evaluation.probabilities[wrong].argmax(axis=1)) if len(wrong) else [])
+    save_confident_mistakes(pictures, true[wrong], evaluation.probabilities[wrong], classes,
+                            output, evaluation.threshold, maps)
     accuracy = scores["exact_match_accuracy"] if _indicator_rows(true) else scores["accuracy"]
     return text, scores, accuracy
 
@@ -282,17 +287,30 @@ def mistake_title(truth, probability, classes, threshold):
     return f"true: {true_names}\npredicted: {guessed}"
 
 
-def save_confident_mistakes(pictures, true, probabilities, classes, output, threshold=0.5):
-    """A grid of the given test images with their true and predicted classes."""
+def save_confident_mistakes(pictures, true, probabilities, classes, output, threshold=0.5,
+                            heat_maps=()):
+    """A grid of the given test images with their true and predicted classes, each above
+    its heat map (heatmaps.py) where heat_maps are given: where the model looked for the
+    class it wrongly chose."""
     columns = 4
     rows = max(1, -(-len(pictures) // columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 3.1 + 0.5),
-                                squeeze=False, layout="constrained")
+    per_picture = 2 if len(heat_maps) else 1
+    figure, grid = plt.subplots(rows * per_picture, columns,
+                                figsize=(columns * 2.6, rows * (3.1 + 2.3 * (per_picture - 1))
+                                         + 0.5), squeeze=False, layout="constrained")
     for axes in grid.flat:
         axes.axis("off")
-    for axes, picture, truth, probability in zip(grid.flat, pictures, true, probabilities):
+    for index, (picture, truth, probability) in enumerate(zip(pictures, true, probabilities)):
+        row, column = divmod(index, columns)
+        axes = grid[row * per_picture, column]
         axes.imshow(picture)
         axes.set_title(mistake_title(truth, probability, classes, threshold), fontsize=9)
+        if len(heat_maps):
+            # Drawn larger than the model's input, so that the colours blend smoothly.
+            side = max(picture.shape[0], HEAT_MAP_SIDE)
+            grid[row * 2 + 1, column].imshow(heatmaps.overlay(
+                cv2.resize(picture, (side, side), interpolation=cv2.INTER_NEAREST),
+                heat_maps[index]))
     if not len(pictures):
         grid[0, 0].text(0, 0.5, "No mistakes on the test split.", fontsize=12)
     figure.suptitle("The most confident mistakes on the test split")

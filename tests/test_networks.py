@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+import cv2
 import h5py
 import keras
 import numpy as np
@@ -16,7 +17,7 @@ from keras.src.legacy.saving import legacy_h5_format
 import export
 import predict
 import train
-from classifier import artifacts, hardware, images, networks, run_folder
+from classifier import artifacts, calibration, hardware, images, networks, run_folder
 from conftest import TINY_FLAGS
 from test_export import run_onnx, run_savedmodel, run_tflite
 
@@ -133,12 +134,13 @@ def test_head_phase_trains_the_output_layer_on_the_weights_file_frozen(
 def test_every_network_trains_saves_predicts_and_exports_alike(name, demo_dataset, tmp_path,
                                                                capsys):
     code = train.main(tiny_run(demo_dataset, tmp_path, "--model", name, "--weights", "none",
-                               "--epochs", "1", "--multi-label"))
+                               "--epochs", "1", "--multi-label", "--val-size", "0.2"))
     assert code == 0
     output = tmp_path / "Output"
     model_file = output / artifacts.model_file(name)
     model = artifacts.load_model(str(model_file))  # safe mode
     assert model.name == name and model.output.dtype == "float32"
+    assert calibration.temperature_of(model) != 1.0  # calibrated, and exported so below
     paths = images.list_images(demo_dataset)[::24]
     pixels = np.stack([images.load_image(path, 32) for path in paths]).astype("float32")
     expected = (model.predict(pixels, verbose=0) + model.predict(pixels[:, :, ::-1],
@@ -147,9 +149,13 @@ def test_every_network_trains_saves_predicts_and_exports_alike(name, demo_datase
     # No --model: the run's labels.json names its model file.
     assert predict.main(["--image", *paths, "--labels", str(output / "labels.pickle"),
                          "--tta", "--format", "json", "--threshold", "0.01", "--top-k", "8",
-                         "--no-annotate"]) == 0
+                         "--explain", "--output", str(tmp_path / "explained")]) == 0
     found = json.loads(capsys.readouterr().out)
     classes = json.loads((output / "labels.json").read_text())["classes"]
+    for row, path in zip(found, paths):  # a heat map the size of each photo
+        heat_map = cv2.imread(row["heatmap"], cv2.IMREAD_UNCHANGED)
+        assert heat_map.ndim == 2 and heat_map.shape == images.decode_image(path).shape[:2]
+        assert os.path.exists(str(tmp_path / "explained" / os.path.basename(path)))
     for row, probabilities in zip(found, expected):
         for answer in row["predictions"]:
             assert answer["probability"] == pytest.approx(

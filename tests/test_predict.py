@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import cv2
 import keras
 import numpy as np
 
@@ -182,3 +183,22 @@ def test_without_min_confidence_the_outputs_are_as_before(trained_run, capsys, t
     _, out, _ = predict_many(trained_run, capsys, "--image", image, "--min-confidence",
                              "0.01", "--output", str(tmp_path))
     assert "unknown" not in out and LINE.match(out.strip())
+
+
+def test_explain_writes_a_grayscale_heat_map_the_size_of_each_image(trained_run, capsys,
+                                                                     tmp_path):
+    write_image(tmp_path / "wide.jpg", np.random.default_rng(0).integers(0, 255, (30, 70, 3)))
+    image = os.path.join(trained_run["dataset"], "red_dress", "red_dress_0000.jpg")
+    out = tmp_path / "explained"
+    code, lines, _ = run_predict(trained_run, capsys, image, str(tmp_path / "wide.jpg"),
+                                 "--explain", output=str(out))
+    assert code == 0 and len(lines) == 2
+    for name, source in (("red_dress_0000", image), ("wide", str(tmp_path / "wide.jpg"))):
+        heat_map = cv2.imread(str(out / f"{name}_heatmap.png"), cv2.IMREAD_UNCHANGED)
+        assert heat_map.ndim == 2 and heat_map.shape == images.decode_image(source).shape[:2]
+    plain = tmp_path / "plain"
+    run_predict(trained_run, capsys, image, output=str(plain))
+    # The overlay: the annotated copy differs from the one drawn without --explain.
+    difference = np.abs(images.decode_image(str(out / "red_dress_0000.jpg")).astype(int)
+                        - images.decode_image(str(plain / "red_dress_0000.jpg")))
+    assert difference.mean() > 5
