@@ -8,11 +8,8 @@ prediction (the order of the logits stays), only the confidence. The division is
 the model (temperature, between logits and probabilities), so predict.py, the test report,
 test-time augmentation and every exported model give the calibrated numbers.
 
-Multi-label models get one temperature per label: their labels are over- and under-confident
-in turn (measured on a multi-label run of the demo dataset: temperatures from 0.59 to 1.31,
-and an expected calibration error on the test part of 0.016 with one per label against 0.025
-with one for all; docs/trust.md). A label that the validation part never or always has
-cannot be fitted on its own: it takes the temperature fitted on all labels together.
+Multi-label models get one temperature for all their labels: a label of a small dataset has
+too few positive images in the validation part to fit a temperature of its own.
 
 Confidence here is what "I don't know" is decided on: for one label per image, the top
 probability; for several labels, the least sure of the yes/no decisions, max(p, 1 - p)
@@ -48,10 +45,9 @@ def with_temperature(model, temperature, multi_label):
     model without a temperature layer. The layers are model's own, not copies."""
     x = model.get_layer(networks.OUTPUT_LAYER).output
     if temperature is not None:
-        # float32: the division must not lose digits to a bfloat16 policy. A list of
-        # temperatures divides each label's logit by its own.
-        x = keras.layers.Rescaling((1.0 / np.asarray(temperature, np.float64)).tolist(),
-                                   dtype="float32", name=TEMPERATURE_LAYER)(x)
+        # float32: the division must not lose digits to a bfloat16 policy.
+        x = keras.layers.Rescaling(1.0 / temperature, dtype="float32",
+                                   name=TEMPERATURE_LAYER)(x)
     outputs = keras.layers.Activation("sigmoid" if multi_label else "softmax", dtype="float32",
                                       name=networks.ACTIVATION)(x)
     return keras.Model(model.input, outputs, name=model.name)
@@ -76,23 +72,15 @@ def view_probabilities(views, multi_label, temperature=1.0):
 
 
 def temperature_of(model):
-    """The temperature a model divides its logits by (1.0 without a temperature layer), or
-    the list of its labels' temperatures."""
+    """The temperature a model divides its logits by (1.0 without a temperature layer)."""
     try:
-        return (1.0 / np.asarray(model.get_layer(TEMPERATURE_LAYER).scale)).tolist()
+        return 1.0 / float(model.get_layer(TEMPERATURE_LAYER).scale)
     except ValueError:
         return 1.0
 
 
-def describe(temperature):
-    """A temperature, or a list of them, in a few words."""
-    if np.ndim(temperature):
-        return (f"one per label, {min(temperature):.3f} to {max(temperature):.3f}")
-    return f"{temperature:.3f}"
-
-
 def probabilities(logits, multi_label, temperature=1.0):
-    scaled = np.asarray(logits, np.float64) / np.asarray(temperature, np.float64)
+    scaled = np.asarray(logits, np.float64) / temperature
     if multi_label:
         return 1.0 / (1.0 + np.exp(-scaled))
     scaled -= scaled.max(axis=1, keepdims=True)
@@ -109,26 +97,14 @@ def negative_log_likelihood(logits, targets, multi_label, temperature):
 
 def fit_temperature(logits, targets, multi_label):
     """The temperature that minimises the negative log-likelihood of targets (one column per
-    class, 0/1) given logits; for a multi-label model a list, one per label (see above)."""
+    class, 0/1) given logits; searched on a log scale, where the likelihood is unimodal."""
     targets = np.asarray(targets, np.float64)
-    shared = _minimising_temperature(logits, targets, multi_label)
-    temperature = shared
-    if multi_label:
-        temperature = [
-            _minimising_temperature(logits[:, [label]], targets[:, [label]], True)
-            if 0 < targets[:, label].sum() < len(targets) else shared
-            for label in range(targets.shape[1])]
-    log.info("calibrated on %d validation images: temperature %s", len(targets),
-             describe(temperature))
-    return temperature
-
-
-def _minimising_temperature(logits, targets, multi_label):
-    # On a log scale, where the likelihood is unimodal.
     found = minimize_scalar(
         lambda log_t: negative_log_likelihood(logits, targets, multi_label, np.exp(log_t)),
         bounds=(np.log(LOWEST), np.log(HIGHEST)), method="bounded")
-    return float(np.exp(found.x))
+    temperature = float(np.exp(found.x))
+    log.info("calibrated on %d validation images: temperature %.3f", len(targets), temperature)
+    return temperature
 
 
 def confidence(probabilities, multi_label):

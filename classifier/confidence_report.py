@@ -28,7 +28,7 @@ def save(before, after, temperature, validation_images, output):
     if after:
         rows_after, figures["ece_after"] = calibration.reliability(
             after.probabilities, after.true, multi_label)
-        diagrams.append((f"after (temperature {calibration.describe(temperature)})", rows_after,
+        diagrams.append((f"after (temperature {temperature:.2f})", rows_after,
                          figures["ece_after"]))
     save_reliability_diagrams(diagrams, multi_label, os.path.join(output, reports.CALIBRATION_PLOT))
 
@@ -52,8 +52,7 @@ def lines(figures):
                 f"and the test part must not be used for it. Expected calibration error on "
                 f"the test part: {figures['ece_before']:.4f}."]
     else:
-        said = [f"Calibrated by temperature scaling: temperature "
-                f"{calibration.describe(figures['temperature'])}, "
+        said = [f"Calibrated by temperature scaling: temperature {figures['temperature']:.3f}, "
                 f"fitted on {figures['validation_images']} validation images. Expected "
                 f"calibration error on the test part ({figures['bins']} bins): "
                 f"{figures['ece_before']:.4f} before, {figures['ece_after']:.4f} after."]

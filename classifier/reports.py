@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
                              multilabel_confusion_matrix)
 
-from classifier import artifacts, calibration, heatmaps
+from classifier import artifacts, heatmaps
 
 REPORT_TEXT = "classification_report.txt"
 REPORT_JSON = "classification_report.json"
@@ -72,7 +72,7 @@ class RunSummary:
     interrupted: int = 0  # the exit code of what stopped training early (130, 143), or 0
     model: str = None
     test_accuracy: float = None  # exact-match accuracy for a multi-label model
-    temperature: object = None  # a float, a list per label, or None: not calibrated
+    temperature: float = None  # None: not calibrated (no validation part)
 
     @classmethod
     def of(cls, args, output, tensorboard_run, classes, splits, data_mode, precision):
@@ -93,8 +93,8 @@ class RunSummary:
             "validation images": self.validation_images or "the test split",
             "test images": self.test_images, "image size": f"{self.image_size}x{self.image_size}",
             "precision": self.precision,
-            "calibration": (f"temperature {calibration.describe(self.temperature)}"
-                            if self.temperature else "none: no validation part"),
+            "calibration": (f"temperature {self.temperature:.3f}" if self.temperature
+                            else "none: no validation part"),
             "test-time augmentation": ("on: each image and its mirror image, probabilities "
                                        "averaged" if self.tta else "off"),
             "training time": f"{self.seconds:.0f} s",
