@@ -71,10 +71,12 @@ def measure(output, unseen, pictures):
     vars(args).update({key: value for key, value in config.items() if key in vars(args)})
     labels = os.path.join(output, artifacts.LABELS_FILE)
     binarizer = artifacts.load_labels(labels)
+    multi = args.multi_label
     folders, _ = dataset.load_folders(
         {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
-        dataset.Labelling(), dataset.Decoding(args.image_size, cache_dir=args.cache_dir),
-        args.seed)
+        dataset.Labelling(multi, args.label_separator, args.labels_csv,
+                          args.csv_label_separator),
+        dataset.Decoding(args.image_size, cache_dir=args.cache_dir), args.seed)
     splits = dataset.split(folders, binarizer,
                            artifacts.one_hot(binarizer, folders["train"].labels),
                            args.test_size, args.seed, in_memory=True,
@@ -85,18 +87,30 @@ def measure(output, unseen, pictures):
     def logits_of(x, y):
         return calibration.view_logits(up_to_logits, pipelines.batches(x, y, 64))
 
-    temperature = calibration.fit_temperature(
-        logits_of(splits.validation.x, splits.validation.y)[0], splits.validation.y, False)
+    validation_logits = logits_of(splits.validation.x, splits.validation.y)[0]
+    temperature = calibration.fit_temperature(validation_logits, splits.validation.y, multi)
     test_logits = logits_of(splits.test.x, splits.test.y)
-    before, after = (reports.evaluate(calibration.view_probabilities(test_logits, False, t),
-                                      splits.test.y, False, 0.5) for t in (1.0, temperature))
+    before, after = (reports.evaluate(calibration.view_probabilities(test_logits, multi, t),
+                                      splits.test.y, multi, args.threshold)
+                     for t in (1.0, temperature))
     row = {"run": os.path.basename(os.path.normpath(output)), "temperature": temperature,
-           "test_accuracy": float((after.true == after.predicted).mean()),
-           "mean_confidence_before": float(before.probabilities.max(axis=1).mean()),
-           "mean_confidence_after": float(after.probabilities.max(axis=1).mean()),
-           "ece_before": calibration.reliability(before.probabilities, before.true, False)[1],
-           "ece_after": calibration.reliability(after.probabilities, after.true, False)[1]}
-    suggestion = calibration.suggest_min_confidence(after.probabilities, after.true, False)
+           "test_accuracy": float(calibration.correct(after.probabilities, after.true, multi,
+                                                      args.threshold).mean()),
+           "mean_confidence_before": float(calibration.confidence(before.probabilities,
+                                                                  multi).mean()),
+           "mean_confidence_after": float(calibration.confidence(after.probabilities,
+                                                                 multi).mean()),
+           "ece_before": calibration.reliability(before.probabilities, before.true, multi)[1],
+           "ece_after": calibration.reliability(after.probabilities, after.true, multi)[1]}
+    if multi:  # the alternative to one temperature for all labels: one per label
+        per_label = np.array([calibration.fit_temperature(
+            validation_logits[:, [label]], splits.validation.y[:, [label]], True)
+            for label in range(validation_logits.shape[1])])
+        row["temperature_per_label"] = per_label.round(3).tolist()
+        row["ece_after_per_label_temperatures"] = calibration.reliability(
+            calibration.view_probabilities(test_logits, True, per_label), after.true, True)[1]
+    suggestion = calibration.suggest_min_confidence(after.probabilities, after.true, multi,
+                                                    args.threshold)
     row["suggested_min_confidence"], row["coverage"], row["accuracy_answered"] = (
         suggestion or (None, None, None))
     if unseen:

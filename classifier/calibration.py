@@ -8,8 +8,10 @@ prediction (the order of the logits stays), only the confidence. The division is
 the model (temperature, between logits and probabilities), so predict.py, the test report,
 test-time augmentation and every exported model give the calibrated numbers.
 
-Multi-label models get one temperature for all their labels: a label of a small dataset has
-too few positive images in the validation part to fit a temperature of its own.
+Multi-label models get one temperature for all their labels. One per label was measured
+against it on two multi-label runs of the demo dataset (docs/trust.md): it won on one, lost
+on the other, and there drove a label that the validation part separated perfectly to the
+lowest temperature allowed, every probability of that label pushed to 0 or 1.
 
 Confidence here is what "I don't know" is decided on: for one label per image, the top
 probability; for several labels, the least sure of the yes/no decisions, max(p, 1 - p)
