@@ -102,6 +102,20 @@ def measure(output, unseen, pictures):
                                                                  multi).mean()),
            "ece_before": calibration.reliability(before.probabilities, before.true, multi)[1],
            "ece_after": calibration.reliability(after.probabilities, after.true, multi)[1]}
+    # How much of the difference is the test part's sampling: 1,000 bootstrap resamples.
+    rng = np.random.default_rng(0)
+    differences = []
+    for _ in range(1000):
+        pick = rng.integers(len(after.true), size=len(after.true))
+        differences.append(
+            calibration.reliability(after.probabilities[pick], after.true[pick], multi)[1]
+            - calibration.reliability(before.probabilities[pick], before.true[pick], multi)[1])
+    row["ece_change_95%_interval"] = np.percentile(differences, [2.5, 97.5]).round(4).tolist()
+    # The part the temperature was fitted on: what it can do where it was fitted.
+    for name, t in (("before", 1.0), ("after", temperature)):
+        row[f"validation_ece_{name}"] = calibration.reliability(
+            calibration.probabilities(validation_logits, multi, t),
+            splits.validation.y if multi else splits.validation.y.argmax(axis=1), multi)[1]
     if multi:  # the alternative to one temperature for all labels: one per label
         per_label = np.array([calibration.fit_temperature(
             validation_logits[:, [label]], splits.validation.y[:, [label]], True)

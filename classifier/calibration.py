@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
 
 from classifier import networks
 
@@ -91,16 +92,25 @@ def probabilities(logits, multi_label, temperature=1.0):
 
 
 def negative_log_likelihood(logits, targets, multi_label, temperature):
-    found = np.clip(probabilities(logits, multi_label, temperature), 1e-12, 1 - 1e-12)
+    # From the logits, not the probabilities: exact also where a probability rounds to 1.
+    scaled = np.asarray(logits, np.float64) / temperature
     if multi_label:
-        return -np.mean(targets * np.log(found) + (1 - targets) * np.log(1 - found))
-    return -np.mean(np.log((found * targets).sum(axis=1)))
+        return np.mean(np.logaddexp(0, scaled) - targets * scaled)
+    return np.mean(logsumexp(scaled, axis=1) - (scaled * targets).sum(axis=1))
 
 
 def fit_temperature(logits, targets, multi_label):
     """The temperature that minimises the negative log-likelihood of targets (one column per
     class, 0/1) given logits; searched on a log scale, where the likelihood is unimodal."""
     targets = np.asarray(targets, np.float64)
+    if np.all(correct(probabilities(logits, multi_label), targets if multi_label
+                      else targets.argmax(axis=1), multi_label)):
+        # Every validation image answered right is fitted best by ever sharper
+        # probabilities: the search would stop at its bound, not at a calibrated temperature.
+        log.warning("the model answers all %d validation images right: nothing to calibrate "
+                    "on, the probabilities stay as trained (a larger validation part, "
+                    "--val-size or --val-dir, would give it something)", len(targets))
+        return 1.0
     found = minimize_scalar(
         lambda log_t: negative_log_likelihood(logits, targets, multi_label, np.exp(log_t)),
         bounds=(np.log(LOWEST), np.log(HIGHEST)), method="bounded")

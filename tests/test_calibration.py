@@ -51,6 +51,12 @@ def test_a_temperature_fitted_on_validation_lowers_the_error_on_other_images(mul
     assert before > 0.15 and after < before / 3
 
 
+def test_a_validation_part_answered_all_right_is_said_to_be_too_easy_to_calibrate(caplog):
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    assert calibration.fit_temperature(logits, np.eye(2)[[0, 1, 0]], False) == 1.0
+    assert "answers all 3 validation images right: nothing to calibrate on" in caplog.text
+
+
 def small_model(multi_label=False):
     inputs = keras.Input((5,))
     logits = keras.layers.Dense(CLASSES, name="logits")(inputs)
