@@ -1,6 +1,7 @@
 """Finding, decoding and preprocessing images: the one path that train.py and predict.py share.
 
-Every image the model sees, in training or in prediction, goes through `load_image`:
+Every image the model sees, in training or in prediction, goes through `load_image` (or
+`load_image_bytes`, the same for an image held in memory, an upload to serve.py):
 decode (any format Pillow knows, EXIF orientation applied, transparency on white), convert
 to RGB, resize with area interpolation to a square, keep uint8. Scaling to [0, 1] happens
 inside the model (its first layer), so exported models take raw pixels too.
@@ -10,6 +11,7 @@ same libjpeg-turbo, at the same reduced DCT scale, giving the same pixels faster
 else (other formats, CMYK, truncated files) takes Pillow's path.
 """
 
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +77,8 @@ def label_of(path, root):
 
 
 def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS, min_side=None):
-    """Decode any supported image file into an RGB uint8 array of shape (height, width, 3).
+    """Decode any supported image file (a path, or an in-memory file such as io.BytesIO) into
+    an RGB uint8 array of shape (height, width, 3).
 
     The pixel count is checked from the header before any pixel is decoded, so a tiny file
     that claims a gigantic image is refused (TooManyPixels) instead of filling the memory.
@@ -85,10 +88,10 @@ def decode_image(path, max_pixels=DEFAULT_MAX_PIXELS, min_side=None):
     return _decode(path, max_pixels, min_side)[0]
 
 
-def _decode(path, max_pixels, min_side):
+def _decode(source, max_pixels, min_side):
     """decode_image's pixels, and the (width, height) of the file's header."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise TooManyPixels((width, height), max_pixels)
@@ -103,13 +106,20 @@ def _decode(path, max_pixels, min_side):
     except Image.DecompressionBombError as error:
         raise ImageError(str(error)) from None
     except (OSError, ValueError, SyntaxError) as error:
-        if os.path.exists(path) and os.path.getsize(path) == 0:
+        if _is_empty(source):
             reason = "empty file"
         elif isinstance(error, Image.UnidentifiedImageError):
             reason = "cannot identify the image format"  # Pillow's message repeats the path
         else:
             reason = str(error) or type(error).__name__
         raise ImageError(reason) from None
+
+
+def _is_empty(source):
+    """Whether source, a path or an in-memory file, holds no bytes at all."""
+    if isinstance(source, io.BytesIO):
+        return not source.getbuffer().nbytes
+    return os.path.exists(source) and os.path.getsize(source) == 0
 
 
 def _jpeg_reduction(width, height, min_side):
@@ -175,6 +185,12 @@ def resize(image, image_size):
 def load_image(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):
     """Decode and resize one file: exactly what the model expects, as uint8 RGB."""
     return load_image_and_size(path, image_size, max_pixels)[0]
+
+
+def load_image_bytes(data, image_size, max_pixels=DEFAULT_MAX_PIXELS):
+    """load_image for an image held in memory (an upload to serve.py): the same decoding and
+    resize, from the bytes themselves, nothing written to disk."""
+    return resize(_decode(io.BytesIO(data), max_pixels, min_side=image_size)[0], image_size)
 
 
 def load_image_and_size(path, image_size, max_pixels=DEFAULT_MAX_PIXELS):

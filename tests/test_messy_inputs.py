@@ -31,6 +31,25 @@ def test_bad_files_are_refused_with_a_reason(tmp_path, name):
         images.load_image(str(tmp_path / name), 32)
 
 
+@pytest.mark.parametrize("name", sorted(odd_files()) + sorted(bad_files()))
+def test_an_image_in_memory_decodes_as_its_file_does(tmp_path, name):
+    # serve.py decodes uploads from memory: the model must see the pixels, or the refusal,
+    # that predict.py gets from the same file.
+    content = odd_files()[name] if name in odd_files() else bad_files()[name][0]
+    write_all(str(tmp_path), {name: content})
+    outcomes = []
+    for load, source in ((images.load_image, str(tmp_path / name)),
+                         (images.load_image_bytes, content)):
+        try:
+            outcomes.append(load(source, 32, max_pixels=10_000_000))
+        except images.ImageError as error:
+            outcomes.append(str(error))
+    if isinstance(outcomes[0], str):
+        assert outcomes[1] == outcomes[0]
+    else:
+        np.testing.assert_array_equal(outcomes[1], outcomes[0])
+
+
 def test_sixteen_bit_and_cmyk_keep_their_brightness(tmp_path):
     write_all(str(tmp_path), odd_files())
     gray16 = images.decode_image(str(tmp_path / "sixteen_bit.png"))
