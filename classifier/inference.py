@@ -1,18 +1,25 @@
-"""How a trained model labels a batch of images, the same in the test report and in
-predict.py: its probabilities, or with test-time augmentation (--tta) the mean of those of
+"""How a trained model labels a batch of images, the same in the test report, predict.py and
+serve.py: its probabilities, or with test-time augmentation (--tta) the mean of those of
 the images and of their mirror images."""
 
 
 def probabilities(model, images, tta=False):
     """One row of probabilities per image of images, a float32 batch as images.load_image
     gives them (N x size x size x 3)."""
-    # predict, not predict_on_batch: under a MirroredStrategy (--devices) predict_on_batch
-    # hands every replica the whole batch and returns each replica's rows.
-    found = model.predict(images, batch_size=len(images), verbose=0)
+    found = _predict(model, images)
     if tta:
-        found = (found + model.predict(images[:, :, ::-1], batch_size=len(images),
-                                       verbose=0)) / 2
+        found = (found + _predict(model, images[:, :, ::-1])) / 2
     return found
+
+
+def _predict(model, images):
+    # predict_on_batch gives predict's numbers without predict's set-up of a data pipeline
+    # for every call (75 ms on two cores, more than the model takes for a few images: what
+    # serve.py pays per request). But under a MirroredStrategy (--devices) it hands every
+    # replica the whole batch and returns each replica's rows, where predict splits it.
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        return model.predict(images, batch_size=len(images), verbose=0)
+    return model.predict_on_batch(images)
 
 
 def add_tta_flag(parser):
