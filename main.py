@@ -6,6 +6,8 @@
     python main.py predict [flags]       the same as python predict.py [flags]
     python main.py export [flags]        the same as python export.py [flags]: --format
                                          savedmodel, tflite or onnx
+    python main.py serve [flags]         the same as python serve.py [flags]: a web page and
+                                         an HTTP API at http://127.0.0.1:8000
     python main.py -train                the original repository's spellings also work
     python main.py -predict PATH
 """
@@ -17,6 +19,7 @@ import sys
 import demo
 import export
 import predict
+import serve
 import train
 from classifier import artifacts, cli, images, settings
 
@@ -71,13 +74,15 @@ def run_demo(per_class=DEMO_PER_CLASS, train_flags=DEMO_TRAIN_FLAGS, run_trainin
 
 
 def main(argv=None, **demo_options):
-    """Dispatch to train.py, predict.py or export.py, or run the demo with demo_options
-    (run_demo's)."""
+    """Dispatch to train.py, predict.py, export.py or serve.py, or run the demo with
+    demo_options (run_demo's)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("train", "-train"):
         return train.main(argv[1:])
     if argv and argv[0] == "export":
         return export.main(argv[1:])
+    if argv and argv[0] == "serve":
+        return serve.main(argv[1:])
     if argv and argv[0] in ("predict", "-predict"):
         rest = argv[1:]
         if argv[0] == "-predict" and rest and not rest[0].startswith("-"):
