@@ -121,8 +121,8 @@ def save_test_reports(evaluation, test_x, classes, output, model):
     wrong = confident_mistakes(true, evaluation.probabilities, MISTAKES_SHOWN,
                                evaluation.threshold)
     pictures = test_x[wrong]
-    maps = (heatmaps.Explainer(model).heat_maps(
-        pictures, evaluation.probabilities[wrong].argmax(axis=1)) if len(wrong) else [])
+    maps = (heatmaps.grad_cam(model, pictures, evaluation.probabilities[wrong].argmax(axis=1))
+            if len(wrong) else [])
     save_confident_mistakes(pictures, true[wrong], evaluation.probabilities[wrong], classes,
                             output, evaluation.threshold, maps)
     accuracy = scores["exact_match_accuracy"] if _indicator_rows(true) else scores["accuracy"]
