@@ -22,11 +22,12 @@ SIZE = 64
 # The layer that takes the last convolution's output in each network: a pooling.
 POOLING = {"vgg": "block4_pool", "vgg16": "block5_pool", "mobilenet_v3_small": "pool",
            "efficientnet_v2_b0": "pool"}
-# The trained test's images: a mark 10 pixels across on 48x48 clutter, whose colour is the
+# The trained test's images: a mark 12 pixels across on 48x48 clutter, whose colour is the
 # class, or no mark. Without the unmarked class one colour would be the answer when the
-# others are missing, its evidence everywhere but the mark.
-MARK_CLASSES, MARK_IMAGE_SIZE, MARK = ("red", "green", "blue", "none"), 48, 0.2
-MARK_FLAGS = ["--recipe", "fast", "--batch-size", "16", "--epochs", "15", "--workers", "2"]
+# others are missing, its evidence everywhere but the mark. Smaller marks take vgg more
+# epochs to learn.
+MARK_CLASSES, MARK_IMAGE_SIZE, MARK = ("red", "green", "blue", "none"), 48, 0.25
+MARK_FLAGS = ["--recipe", "fast", "--batch-size", "16", "--epochs", "10", "--workers", "2"]
 
 
 def mark_benchmark():
@@ -204,9 +205,11 @@ def test_the_blog_s_network_looks_at_the_mark_that_decides_the_class(tmp_path):
     found = marks.summary(scored)
     right = marks.summary(scored, subset=scored.predicted == scored.true)
     print(json.dumps({"all": found, "right": right}))
-    # Half a cell of vgg's 6x6 map: the peak lies at a cell's centre, the mark anywhere in it.
-    # Over six seeds of this set-up (bfloat16): accuracy 0.75 to 1, peaks near the mark
-    # 0.72 to 0.97 of the marked images, chance 0.13.
-    assert found["tolerance"] == 4 and found["chance_near"] < 0.15
-    assert found["accuracy"] >= 0.6  # else there would be little to explain
+    # Over seven seeds of this set-up (bfloat16 on two cores): accuracy 0.84 to 1; the peak on
+    # the mark in 0.52 to 0.90 of the marked images (chance 0.06), within 4 pixels of it in
+    # 0.68 to 1 (chance 0.17), of those labelled right 0.80 to 1. Four pixels are half a cell
+    # of vgg's 6x6 map: the peak lies at a cell's centre, the mark anywhere in the cell.
+    assert found["tolerance"] == 4 and found["chance_near"] < 0.2 and found["chance"] < 0.07
+    assert found["accuracy"] >= 0.7  # else there would be little to explain
+    assert found["on_mark"] >= 0.35
     assert found["near_mark"] >= 0.6 and right["near_mark"] >= 0.7
