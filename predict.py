@@ -58,16 +58,10 @@ def build_parser():
     inference.add_tta_flag(labelling)
     labelling.add_argument("--top-k", type=int, default=1,
                            help="classes reported per image (single-label models)")
-    labelling.add_argument("--threshold", type=float, default=0.5,
-                           help="multi-label models: report every label whose probability "
-                                "reaches this")
+    inference.add_answer_flags(labelling, UNKNOWN)
     labelling.add_argument("--explain", action="store_true",
                            help="write a Grad-CAM heat map of each image's top class, "
                                 "<name>_heatmap.png, and draw it over the annotated copy")
-    labelling.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
-                           help=f"answer '{UNKNOWN}' when the top probability is under P (multi-"
-                                "label models: when any label's yes or no is less sure than "
-                                "P); report.html suggests a P")
     results = parser.add_argument_group("output")
     results.add_argument("--format", choices=FORMATS, default="table",
                          help="table: 'path: label 97.42%%' lines; csv: path,rank,label,"

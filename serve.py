@@ -66,13 +66,7 @@ def build_parser():
     labelling.add_argument("--top-k", type=int, default=5,
                            help="classes in each answer, likeliest first, unless a request "
                                 "asks for another number (?top_k=)")
-    labelling.add_argument("--threshold", type=float, default=0.5,
-                           help="multi-label models: answer every label whose probability "
-                                "reaches this")
-    labelling.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
-                           help=f"answer '{predict.UNKNOWN}' when the top probability is under P "
-                                "(multi-label models: when any label's yes or no is less sure "
-                                "than P), as predict.py does")
+    inference.add_answer_flags(labelling, predict.UNKNOWN)
     limits = parser.add_argument_group("limits and batching")
     limits.add_argument("--max-upload-mb", type=float, default=20,
                         help="refuse larger uploads (413), before reading them")

@@ -26,3 +26,15 @@ def add_tta_flag(parser):
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: each image's probabilities averaged "
                              "with its mirror image's")
+
+
+def add_answer_flags(parser, unknown):
+    """The flags that turn probabilities into an answer, the same in predict.py and
+    serve.py: --threshold for multi-label models, --min-confidence for unknown."""
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="multi-label models: answer every label whose probability "
+                             "reaches this")
+    parser.add_argument("--min-confidence", type=float, default=0.0, metavar="P",
+                        help=f"answer '{unknown}' when the top probability is under P (multi-"
+                             "label models: when any label's yes or no is less sure than P); "
+                             "report.html suggests a P")
