@@ -201,7 +201,7 @@ def run_ours(config, extra_flags=(), measure_loading=True, measure_predict=True)
                     shutil.rmtree(args.cache_dir, ignore_errors=True)
                 started = time.perf_counter()
                 # The cache train.py itself reads next, so its training starts warm.
-                rows, _, _ = image_cache.load_images(
+                rows, _, _, _ = image_cache.load_images(
                     paths, args.image_size, args.cache_dir, progress=False,
                     name=image_cache.folder_name(config["dataset"]))
                 rows.load()

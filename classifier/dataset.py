@@ -48,18 +48,21 @@ class Decoding:
 
 @dataclass
 class Folder:
-    """The usable images of one dataset folder and their labels: class names, or with
-    --multi-label tuples of label names."""
+    """The usable images of one dataset folder, their labels (class names, or with
+    --multi-label tuples of label names), files and (width, height) as decoded."""
     images: object  # a uint8 array, or image_cache.ImageRows
     labels: object
+    paths: list
+    sizes: list
 
 
 @dataclass
 class Split:
-    """Images (uint8: an array, or image_cache.ImageRows) and their targets, one column per
-    class."""
+    """Images (uint8: an array, or image_cache.ImageRows), their targets (one column per
+    class) and files."""
     x: object
     y: np.ndarray
+    paths: list
 
 
 @dataclass
@@ -141,10 +144,10 @@ def load_folder(root, labelling, decoding, seed, labels_csv=None):
     log.info("found %d images in %s", len(image_paths), root)
 
     if decoding.cache_dir is None:
-        data, kept, skipped = images.load_images(image_paths, decoding.image_size,
-                                                 decoding.max_pixels, workers=decoding.workers)
+        data, kept, skipped, sizes = images.load_images(
+            image_paths, decoding.image_size, decoding.max_pixels, workers=decoding.workers)
     else:
-        data, kept, skipped = image_cache.load_images(
+        data, kept, skipped, sizes = image_cache.load_images(
             image_paths, decoding.image_size, decoding.cache_dir, decoding.max_pixels,
             workers=decoding.workers, name=image_cache.folder_name(root))
     if labels_csv:
@@ -154,7 +157,8 @@ def load_folder(root, labelling, decoding, seed, labels_csv=None):
                   for i in kept]
     else:
         labels = np.array([images.label_of(image_paths[i], root) for i in kept])
-    return Folder(data, labels), missing + skipped, len(image_paths) + len(missing)
+    return (Folder(data, labels, [image_paths[i] for i in kept], sizes), missing + skipped,
+            len(image_paths) + len(missing))
 
 
 def split_label(folder_name, separator):
@@ -190,34 +194,62 @@ def size_in_bytes(loaded):
     return sum(folder.images.size for folder in loaded.values())
 
 
-def split(loaded, binarizer, targets, test_size, seed, in_memory, val_size=0.0):
+def split(loaded, binarizer, targets, test_size, seed, in_memory, val_size=0.0, groups=None):
     """The training, validation and test splits: the test split is held out of --dataset
     unless --test-dir gives it; the validation split is --val-dir, or val_size of --dataset
     held out of what is left for training, or else the test split itself, as in the blog.
-    targets are the binarized labels of --dataset; the images end up in memory, or still on
-    disk when not in_memory."""
+    targets are the binarized labels of --dataset; groups, a group number per image of
+    --dataset (copies of one photo share one, data_check.py), keep each group in one part;
+    the images end up in memory, or still on disk when not in_memory."""
     train = loaded["train"]
     # With several labels per image, each combination of labels is a stratum.
     strata = np.array([str(label) for label in train.labels])
+    groups = np.arange(len(strata)) if groups is None else np.asarray(groups)
     train_at = np.arange(len(strata))
+
+    def part(positions):
+        return Split(take(train.images, positions, in_memory), targets[positions],
+                     [train.paths[i] for i in positions])
+
     if "test" in loaded:
         test = own_split(loaded["test"], binarizer, in_memory)
     else:
-        train_at, test_at = stratified_split(train_at, strata, test_size, seed)
-        test = Split(take(train.images, test_at, in_memory), targets[test_at])
+        train_at, test_at = grouped_split(train_at, strata, groups, test_size, seed)
+        test = part(test_at)
     validation = None
     if "validation" in loaded:
         validation = own_split(loaded["validation"], binarizer, in_memory)
     elif val_size:
-        train_at, val_at = stratified_split(train_at, strata[train_at],
-                                            round(val_size * len(strata)), seed)
-        validation = Split(take(train.images, val_at, in_memory), targets[val_at])
-    whole = len(train_at) == len(strata)  # all of --dataset: no copy in memory
-    training = Split(take(train.images, slice(None) if whole else train_at, in_memory),
-                     targets[train_at])
+        train_at, val_at = grouped_split(train_at, strata, groups, round(val_size * len(strata)),
+                                         seed)
+        validation = part(val_at)
+    if len(train_at) == len(strata):  # all of --dataset: no copy in memory
+        training = Split(take(train.images, slice(None), in_memory), targets, train.paths)
+    else:
+        training = part(train_at)
     if validation is None:
         return Splits(training, test, test, False)
     return Splits(training, validation, test, True)
+
+
+def grouped_split(positions, strata, groups, size, seed):
+    """stratified_split of positions (indices into strata and groups), each group kept whole
+    on one side: the first image of a group stands for it, the others follow it. Without
+    groups of two or more, exactly stratified_split's split."""
+    first = {}
+    for position in positions:
+        first.setdefault(groups[position], position)
+    leaders = np.array(list(first.values()))
+    if len(leaders) == len(positions):
+        return stratified_split(positions, strata[positions], size, seed)
+    if not isinstance(size, float):  # a count of images: scale it to the groups
+        size = max(1, round(size * len(leaders) / len(positions)))
+    members = {}
+    for position in positions:
+        members.setdefault(groups[position], []).append(position)
+    kept, held = stratified_split(leaders, strata[leaders], size, seed)
+    return tuple(np.array([member for leader in side for member in members[groups[leader]]],
+                          dtype=int) for side in (kept, held))
 
 
 def stratified_split(positions, strata, size, seed):
@@ -233,7 +265,7 @@ def stratified_split(positions, strata, size, seed):
 def own_split(folder, binarizer, in_memory):
     """A folder given as its own split: its images and one-hot labels."""
     return Split(take(folder.images, slice(None), in_memory),
-                 artifacts.one_hot(binarizer, folder.labels))
+                 artifacts.one_hot(binarizer, folder.labels), folder.paths)
 
 
 def take(data, positions, in_memory):

@@ -98,8 +98,9 @@ def load_images(image_paths, image_size, cache_dir, max_pixels=images.DEFAULT_MA
     """Like images.load_images, through the cache in cache_dir.
 
     Each name (one per dataset folder, see folder_name) has its own files in cache_dir.
-    Returns (rows, kept, skipped): an ImageRows over the images that decoded within
-    max_pixels, their indices in image_paths, and (path, reason) for each file skipped.
+    Returns (rows, kept, skipped, sizes): an ImageRows over the images that decoded within
+    max_pixels, their indices in image_paths, (path, reason) for each file skipped, and the
+    (width, height) of each kept file as decoded.
     Files that failed to decode are remembered too, and not retried until they change.
     """
     os.makedirs(cache_dir, exist_ok=True)
@@ -124,7 +125,7 @@ def load_images(image_paths, image_size, cache_dir, max_pixels=images.DEFAULT_MA
                if reason is not None]
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
-    return rows.subset(kept), kept, skipped
+    return rows.subset(kept), kept, skipped, [tuple(index["sizes"][i]) for i in kept]
 
 
 @contextlib.contextmanager

@@ -239,13 +239,16 @@ def load_images(image_paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, workers=
                 progress=True):
     """Load many files into memory, in parallel.
 
-    Returns (images, kept, skipped): a uint8 array of the images that decoded, the indices
-    of those images in image_paths, and a list of (path, reason) for the files skipped.
+    Returns (images, kept, skipped, sizes): a uint8 array of the images that decoded, the
+    indices of those images in image_paths, a list of (path, reason) for the files skipped,
+    and the (width, height) of each kept file as decoded.
     """
     array = np.zeros((len(image_paths), image_size, image_size, 3), np.uint8)
+    sizes = [None] * len(image_paths)
 
     def store(position, image, size):
         array[position] = image
+        sizes[position] = size
 
     failures = {position: reason for position, reason, _ in
                 decode_into(image_paths, image_size, store, max_pixels, workers, progress)}
@@ -253,4 +256,4 @@ def load_images(image_paths, image_size, max_pixels=DEFAULT_MAX_PIXELS, workers=
         log.warning("skipped %s: %s", image_paths[position], reason)
     kept = [position for position in range(len(image_paths)) if position not in failures]
     skipped = [(image_paths[position], reason) for position, reason in failures.items()]
-    return (array[kept] if failures else array), kept, skipped
+    return (array[kept] if failures else array), kept, skipped, [sizes[i] for i in kept]

@@ -33,9 +33,9 @@ def decode_counter(monkeypatch):
 
 def test_second_load_comes_from_the_cache_with_the_same_pixels(tmp_path, decode_counter):
     paths = make_files(tmp_path / "data")
-    first, kept, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"), progress=False)
+    first, kept, _, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"), progress=False)
     assert len(decode_counter) == 6
-    second, kept_again, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"),
+    second, kept_again, _, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"),
                                                     progress=False)
     assert len(decode_counter) == 6  # nothing decoded the second time
     assert kept == kept_again == list(range(6))
@@ -51,7 +51,7 @@ def test_a_changed_file_is_decoded_again_and_only_it(tmp_path, decode_counter):
     stamp = os.stat(paths[2]).st_mtime_ns + 10**9
     os.utime(paths[2], ns=(stamp, stamp))
     del decode_counter[:]
-    rows, _, _ = image_cache.load_images(paths, 8, cache, progress=False)
+    rows, _, _, _ = image_cache.load_images(paths, 8, cache, progress=False)
     assert decode_counter == [paths[2]]
     assert rows[2].min() == 250 and rows[1].max() == 20
     assert len([name for name in os.listdir(cache) if name.endswith(".npy")]) == 1
@@ -61,11 +61,11 @@ def test_another_image_size_or_new_files_do_not_reuse_stale_rows(tmp_path, decod
     paths = make_files(tmp_path / "data")
     cache = str(tmp_path / "cache")
     image_cache.load_images(paths, 8, cache, progress=False)
-    rows, _, _ = image_cache.load_images(paths, 12, cache, progress=False)
+    rows, _, _, _ = image_cache.load_images(paths, 12, cache, progress=False)
     assert rows.shape == (6, 12, 12, 3) and len(decode_counter) == 12
     extra = write_image(tmp_path / "data" / "extra.png", np.full((9, 9, 3), 77))
     del decode_counter[:]
-    rows, _, _ = image_cache.load_images([extra, *paths], 8, cache, progress=False)
+    rows, _, _, _ = image_cache.load_images([extra, *paths], 8, cache, progress=False)
     assert decode_counter == [extra] and rows[0].max() == 77 and rows.shape[0] == 7
 
 
@@ -76,7 +76,7 @@ def test_unreadable_files_are_remembered_as_skipped(tmp_path, decode_counter):
     paths.append(str(broken))
     cache = str(tmp_path / "cache")
     for _ in range(2):
-        rows, kept, skipped = image_cache.load_images(paths, 8, cache, progress=False)
+        rows, kept, skipped, _ = image_cache.load_images(paths, 8, cache, progress=False)
         assert kept == [0, 1] and len(rows) == 2
         assert [path for path, _ in skipped] == [str(broken)]
     assert len(decode_counter) == 3
@@ -87,7 +87,7 @@ def test_a_damaged_index_means_a_fresh_cache_not_a_crash(tmp_path):
     cache = tmp_path / "cache"
     image_cache.load_images(paths, 8, str(cache), progress=False)
     (cache / "images-8px.json").write_text('{"format": 1, "image_s')
-    rows, _, _ = image_cache.load_images(paths, 8, str(cache), progress=False)
+    rows, _, _, _ = image_cache.load_images(paths, 8, str(cache), progress=False)
     assert len(rows) == 2
 
 
@@ -106,26 +106,26 @@ def test_a_raised_or_lowered_max_pixels_takes_effect_over_a_warm_cache(tmp_path,
     paths = [write_image(tmp_path / "data" / f"{side}.png", np.full((side, side, 3), side))
              for side in (10, 20, 30)]
     cache = str(tmp_path / "cache")
-    _, kept, skipped = image_cache.load_images(paths, 8, cache, max_pixels=500, progress=False)
+    _, kept, skipped, _ = image_cache.load_images(paths, 8, cache, max_pixels=500, progress=False)
     assert kept == [0, 1] and skipped == [(paths[2], "30x30 pixels is over the limit of 500 "
                                                      "(--max-pixels)")]
     del decode_counter[:]
-    rows, kept, _ = image_cache.load_images(paths, 8, cache, max_pixels=1000, progress=False)
+    rows, kept, _, _ = image_cache.load_images(paths, 8, cache, max_pixels=1000, progress=False)
     assert kept == [0, 1, 2] and decode_counter == [paths[2]]  # only the one refused before
     assert rows[2].min() == 30
     del decode_counter[:]
-    rows, kept, skipped = image_cache.load_images(paths, 8, cache, max_pixels=150,
+    rows, kept, skipped, _ = image_cache.load_images(paths, 8, cache, max_pixels=150,
                                                   progress=False)
     assert kept == [0] and decode_counter == []  # refused from the cache's own record
     assert [path for path, _ in skipped] == paths[1:]
-    _, kept, _ = image_cache.load_images(paths, 8, cache, progress=False)
+    _, kept, _, _ = image_cache.load_images(paths, 8, cache, progress=False)
     assert kept == [0, 1, 2] and decode_counter == []
 
 
 def test_rows_stay_readable_after_another_run_replaces_the_cache(tmp_path):
     paths = make_files(tmp_path / "data", 3)
     cache = str(tmp_path / "cache")
-    rows, _, _ = image_cache.load_images(paths, 8, cache, progress=False)
+    rows, _, _, _ = image_cache.load_images(paths, 8, cache, progress=False)
     first = rows.load()
     write_image(paths[0], np.full((30, 20, 3), 250))  # a change: the cache is written anew
     stamp = os.stat(paths[0]).st_mtime_ns + 10**9

@@ -121,7 +121,7 @@ def test_load_images_skips_unreadable_files_with_reasons(tmp_path):
     empty.write_bytes(b"")
     junk = tmp_path / "junk.png"
     junk.write_bytes(os.urandom(300))
-    data, kept, skipped = images.load_images([str(empty), good, str(junk)], 8, progress=False)
+    data, kept, skipped, _ = images.load_images([str(empty), good, str(junk)], 8, progress=False)
     assert data.shape == (1, 8, 8, 3) and kept == [1]
     reasons = dict(skipped)
     assert reasons[str(empty)] == "empty file"

@@ -88,8 +88,8 @@ def split_both_ways(tmp_path):
              for index in range(20)]
     labels = np.array(["a", "b"] * 10)
     targets = np.eye(2, dtype=np.float32)[(labels == "b").astype(int)]
-    rows, _, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"), progress=False)
-    loaded = {"train": dataset.Folder(rows, labels)}
+    rows, _, _, _ = image_cache.load_images(paths, 8, str(tmp_path / "cache"), progress=False)
+    loaded = {"train": dataset.Folder(rows, labels, paths, [(12, 12)] * 20)}
     in_memory = dataset.split(loaded, None, targets, 0.15, 3, in_memory=True)
     streamed = dataset.split(loaded, None, targets, 0.15, 3, in_memory=False)
     return (in_memory.train, in_memory.test), (streamed.train, streamed.test)
@@ -149,7 +149,8 @@ def test_val_size_holds_out_validation_and_leaves_the_test_split_as_it_was():
     labels = np.array(["a", "b"] * 50)
     images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)
     targets = np.eye(2, dtype=np.float32)[(labels == "b").astype(int)]
-    loaded = {"train": dataset.Folder(images, labels)}
+    loaded = {"train": dataset.Folder(images, labels, [f"{i}.png" for i in range(100)],
+                                      [(1, 1)] * 100)}
     blog = dataset.split(loaded, None, targets, 0.15, 3, in_memory=True)
     held = dataset.split(loaded, None, targets, 0.15, 3, in_memory=True, val_size=0.2)
     assert not blog.has_validation and blog.validation is blog.test
