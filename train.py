@@ -8,6 +8,7 @@ and save; each a few calls, their details in the modules of classifier/. What a 
 in the output folder and logs/: README.md, "What lands in Output/ and logs/".
 """
 
+import dataclasses
 import functools
 import logging
 import os
@@ -16,18 +17,22 @@ import time
 
 import classifier  # noqa: F401  first: it starts TensorFlow quietly, before keras does (cli.py)
 import keras
+import numpy as np
 from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 from classifier import (artifacts, augmentation, calibration, callbacks, cli,
-                        confidence_report, dataset, distributed, fine_tuning, hardware, multi_worker, networks, pipelines, reports,
-                        run_folder, schedules, settings)
+                        confidence_report, data_check, data_report, dataset, distributed,
+                        fine_tuning, hardware, label_issues, multi_worker, networks, pipelines,
+                        reports, run_folder, schedules, settings)
 
 log = logging.getLogger("train")
+CHECK_FOLDER = "check"  # where --check-only writes, inside --output
 
 
 def load_data(args, output):
-    """1. Load the data: list and label the images, decode and resize them (cached), binarize
-    the labels, split off the test images (or take the pre-split folders)."""
+    """1. Load the data: list and label the images, decode and resize them (cached), check
+    them for copies and oddities (data_check.py), binarize the labels, split off the test
+    images keeping copies together (or take the pre-split folders)."""
     folders, skipped = dataset.load_folders(
         {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
         dataset.Labelling(args.multi_label, args.label_separator, args.labels_csv,
@@ -36,45 +41,101 @@ def load_data(args, output):
                          None if args.no_cache else args.cache_dir), args.seed)
     if not args.lr_find:  # a range test leaves a run's files as they are
         dataset.save_skipped(skipped, output)
+    findings = data_check.check(data_check.records_of(folders, args.multi_label),
+                                data_check.images_of(folders), args.image_size)
+    log.info("%s (details: %s)", findings.summary(), data_report.JSON)
     binarizer, targets = artifacts.fit_binarizer(folders["train"].labels, args.multi_label)
     data_mode = hardware.choose_data_mode(args.data_mode, dataset.size_in_bytes(folders),
                                           hardware.available_memory())
     splits = dataset.split(folders, binarizer, targets, args.test_size, args.seed,
-                           in_memory=data_mode == "memory", val_size=args.val_size)
+                           in_memory=data_mode == "memory", val_size=args.val_size,
+                           groups=findings.group_numbers("train"))
     classes = [str(name) for name in binarizer.classes_]
     log.info("%d %s: %s", len(classes), "labels" if args.multi_label else "classes", ", ".join(
         f"{name} ({count:.0f})" for name, count in zip(classes, targets.sum(axis=0))))
     log.info("training on %d images, validating on %d%s, testing on %d", len(splits.train.x),
              len(splits.validation.x), "" if splits.has_validation else " (the test split)",
              len(splits.test.x))
-    return binarizer, classes, splits, data_mode
+    # Groups of copies within --dataset change the split only where it splits --dataset.
+    split_changed = ("test" not in folders or bool(args.val_size)) and any(
+        all(findings.records[member].part == "train" for member in members)
+        for members in findings.groups)
+    return binarizer, classes, splits, data_mode, Checked(
+        findings, data_check.images_of(folders), split_changed)
+
+
+@dataclasses.dataclass
+class Checked:
+    """What the data check found, the images it looked at, and (--find-label-issues) the
+    lines and files about labels that are probably wrong."""
+    findings: data_check.Findings
+    pictures: object
+    split_changed: bool  # groups of copies kept whole made the split differ from today's
+    label_issue_lines: tuple = ()
+
+
+def find_label_issues(args, output, strategy, classes, splits, checked, make_model, augment):
+    """1. Load the data, --find-label-issues: each training image's probabilities from a
+    model trained on the other folds (never on the test part), ranked by cleanlab.
+    make_model() gives a new model, untrained, and its fine_tuning phases."""
+    started = time.perf_counter()
+
+    def fit_and_predict(train_at, held_at):
+        model, phases = make_model()
+        training = dataset.take(splits.train.x, train_at, in_memory=True)
+        steps = pipelines.steps_per_epoch(len(train_at), args.batch_size)
+        for phase in phases:
+            fine_tuning.set_trainable(model, phase.trains)
+            compile_model(args, model, strategy, phase.lr, phase.epochs, steps)
+            model.fit(pipelines.training_batches(training, splits.train.y[train_at],
+                                                 args.batch_size, augment, args.seed,
+                                                 first_epoch=phase.start),
+                      steps_per_epoch=steps, initial_epoch=phase.start, epochs=phase.end,
+                      shuffle=False, verbose=0)
+        return model.predict(pipelines.batches(dataset.take(splits.train.x, held_at, True),
+                                               splits.train.y[held_at], args.batch_size),
+                             verbose=0)
+
+    probabilities = label_issues.out_of_sample_probabilities(
+        splits.train.y, args.label_issue_folds, args.seed, fit_and_predict)
+    issues = label_issues.find(splits.train.y, probabilities, args.multi_label)
+    label_issues.save(issues, splits.train.paths, splits.train.y, probabilities, classes,
+                      output, args.multi_label)
+    label_issues.save_gallery(splits.train.x, issues, splits.train.paths, splits.train.y,
+                              probabilities, classes, output)
+    checked.label_issue_lines = label_issues.lines(
+        issues, len(splits.train.y), args.label_issue_folds, args.label_issue_epochs,
+        time.perf_counter() - started)
+    log.info("%d likely label issues among %d training images (%s)", len(issues),
+             len(splits.train.y), label_issues.FILE)
+
+
+def configure_augmentation(args):
+    """2. Configure the model: its augmentation, Keras layers or the blog's
+    ImageDataGenerator (--augment)."""
+    if args.augment != "generator":
+        return augmentation.layers(
+            args.augment, args.seed, args.rotation_range, args.width_shift_range,
+            args.height_shift_range, args.shear_range, args.zoom_range, args.horizontal_flip)
+    return ImageDataGenerator(
+        rotation_range=args.rotation_range, width_shift_range=args.width_shift_range,
+        height_shift_range=args.height_shift_range, shear_range=args.shear_range,
+        zoom_range=args.zoom_range, horizontal_flip=args.horizontal_flip, fill_mode="nearest")
 
 
 def configure_model(args, classes, strategy, policy, weights, build_model):
-    """2. Configure the model: the augmentation, and the network (--model, vgg.py's by
-    default), or the model --init-from names. Returns them, and whether the network got a
-    new output layer on top of pretrained weights."""
-    if args.augment != "generator":
-        augment = augmentation.layers(
-            args.augment, args.seed, args.rotation_range, args.width_shift_range,
-            args.height_shift_range, args.shear_range, args.zoom_range, args.horizontal_flip)
-    else:
-        augment = ImageDataGenerator(
-            rotation_range=args.rotation_range, width_shift_range=args.width_shift_range,
-            height_shift_range=args.height_shift_range, shear_range=args.shear_range,
-            zoom_range=args.zoom_range, horizontal_flip=args.horizontal_flip,
-            fill_mode="nearest")
+    """2. Configure the model: the network (--model, vgg.py's by default), or the model
+    --init-from names. Returns it, and whether the network got a new output layer on top of
+    pretrained weights."""
     with distributed.model_scope(strategy):
         if args.init_from:
-            model, new_head = fine_tuning.start_from(args.init_from, classes, args.multi_label,
-                                                     policy)
-            return model, augment, new_head
+            return fine_tuning.start_from(args.init_from, classes, args.multi_label, policy)
         with hardware.dtype_policy(policy):  # layers take the dtype policy when built
             model = build_model(args.model, (args.image_size, args.image_size, 3), len(classes),
                                 multi_label=args.multi_label, weights=weights,
                                 bn_momentum=args.bn_momentum,
                                 synchronized_bn=strategy.num_replicas_in_sync > 1)
-    return model, augment, True
+    return model, True
 
 
 def compile_model(args, model, strategy, lr, epochs, steps_per_epoch):
@@ -157,10 +218,11 @@ def train_model(args, output, logs, run_name, strategy, model, augment, splits, 
     return time.perf_counter() - started, 0
 
 
-def evaluate_and_save(args, output, model, classes, splits, summary):
+def evaluate_and_save(args, output, model, classes, splits, summary, checked):
     """4. Evaluate and save: the probabilities calibrated on the validation part, the model,
-    the report on the test split, the plots, report.html; summary gets the test accuracy and
-    the model's path."""
+    the report on the test split (also without the test images that have a copy in
+    training), the plots, report.html; summary gets the test accuracy and the model's
+    path."""
     up_to_logits = calibration.logits_model(model)
     test_logits = calibration.view_logits(
         up_to_logits, pipelines.batches(splits.test.x, splits.test.y, args.batch_size),
@@ -186,7 +248,16 @@ def evaluate_and_save(args, output, model, classes, splits, summary):
     history = run_folder.read_history(output)
     if history:
         reports.save_training_plot(history, output)
-    reports.write_html(output, summary.facts(), scores, trust)
+    leaked = checked.findings.leaked("test")
+    leaked_accuracy = None
+    if len(leaked):
+        unseen = np.setdiff1d(np.arange(len(splits.test.y)), leaked)
+        leaked_accuracy = (summary.test_accuracy, reports.accuracy(after, unseen), len(leaked))
+        log.warning("%d test images have a copy in training: test accuracy %.4f, %.4f without "
+                    "them", len(leaked), *leaked_accuracy[:2])
+    reports.write_html(output, summary.facts(), scores, trust, data_report.section(
+        data_report.lines(checked.findings, checked.split_changed, leaked_accuracy),
+        checked.label_issue_lines))
     print(text)
     print(f"report: {os.path.join(output, reports.HTML)}")
 
@@ -202,16 +273,34 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
     networks.check_strategy(args.model, distributed.kind(strategy),
                             pretrained=bool(weights or args.init_from))
     output, logs = distributed.folders(strategy, args.output, args.logs)
+    if args.check_only:  # its own folder: an earlier run's files stay as they are
+        output = os.path.join(output, CHECK_FOLDER)
     with run_folder.output_lock(output):  # one run per output folder, from before it reads
-        run_folder.prepare_folders(output, logs)
+        run_folder.prepare_folders(output, None if args.check_only else logs)
         keras.utils.set_random_seed(args.seed)
 
-        binarizer, classes, splits, data_mode = load_data(args, output)
+        binarizer, classes, splits, data_mode, checked = load_data(args, output)
 
         policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
                                                      hardware.cpu_flags())
-        model, augment, new_head = configure_model(args, classes, strategy, policy, weights,
-                                                   build_model)
+        augment = configure_augmentation(args)
+        if args.find_label_issues:
+            def untrained_model():
+                model, new_head = configure_model(args, classes, strategy, policy, weights,
+                                                  build_model)
+                return model, fine_tuning.plan(
+                    bool(weights or args.init_from), new_head, args.label_issue_epochs,
+                    args.head_epochs, args.lr, args.fine_tune_lr)
+            find_label_issues(args, output, strategy, classes, splits, checked,
+                              untrained_model, augment)
+        split_rows = dataset.split_rows(splits, classes)
+        data_report.save(checked.findings, checked.pictures, output, checked.split_changed)
+        if args.check_only:
+            data_report.write_page(output, data_report.section(
+                data_report.lines(checked.findings, checked.split_changed),
+                checked.label_issue_lines))
+            return os.path.join(output, data_report.PAGE)
+        model, new_head = configure_model(args, classes, strategy, policy, weights, build_model)
         phases = fine_tuning.plan(bool(weights or args.init_from), new_head, args.epochs,
                                   args.head_epochs, args.lr, args.fine_tune_lr)
         if args.lr_find:  # instead of steps 3 and 4: the range test, which saves no model
@@ -224,6 +313,9 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
         run_name, first_epoch = run_folder.resume_point(
             run_folder.resume_settings(args), args.run_name, args.fresh, output,
             fine_tuning.head_epochs(phases))
+        if first_epoch:
+            dataset.check_same_split(split_rows, output)
+        dataset.save_split(split_rows, output)
         class_weight = (dataset.class_weights(splits.train.y, classes)
                         if args.class_weight == "balanced" else None)
         summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes,
@@ -249,7 +341,7 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
         summary.epochs_run = len(history.get("loss", []))
         log.info("trained %d epochs in %.1f s", summary.epochs_run, summary.seconds)
 
-        evaluate_and_save(args, output, model, classes, splits, summary)
+        evaluate_and_save(args, output, model, classes, splits, summary, checked)
     return summary
 
 
@@ -263,6 +355,9 @@ def main(argv=None, **run_options):
         args = settings.parse_args(argv)
         cli.setup_logging(args.verbose)
         summary = run(args, **run_options)
+        if args.check_only:
+            print(f"data check: {summary}")
+            return 0
         if args.lr_find:
             test, plot = summary
             print(f"learning-rate range test: {len(test.rates)} steps, plot: {plot}")

@@ -99,8 +99,9 @@ class Findings:
     def summary(self):
         """One line for the log."""
         copies = sum(len(members) for members in self.groups)
-        parts = [f"{len(self.records):,} images", f"{len(self.groups)} groups of copies "
-                 f"({copies} images, {len(self.conflicts)} with conflicting labels)"]
+        parts = [f"{len(self.records):,} images", f"{len(self.groups)} group"
+                 f"{'' if len(self.groups) == 1 else 's'} of copies ({copies} images, "
+                 f"{len(self.conflicts)} with conflicting labels)"]
         if self.leaks:
             parts.append(f"{len(self.leaks)} validation/test images with a copy in another part")
         for name, found in (("tiny classes", self.tiny_classes),

@@ -23,6 +23,7 @@ from classifier.cli import UserError
 log = logging.getLogger("dataset")
 
 SKIPPED_FILE = "skipped_files.csv"
+SPLIT_FILE = "split.csv"
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,39 @@ def save_skipped(skipped, output):
             writer = csv.writer(handle)
             writer.writerow(["path", "reason"])
             writer.writerows(skipped)
+
+
+def split_rows(splits, classes):
+    """(path, label(s), part) for every image the splits use; several labels joined by
+    ";". When the test split doubles as validation data, its images are test images."""
+    parts = [("train", splits.train), ("test", splits.test)]
+    if splits.has_validation:
+        parts.insert(1, ("validation", splits.validation))
+    return [(path, ";".join(classes[index] for index in np.flatnonzero(target)), part)
+            for part, split in parts for path, target in zip(split.paths, split.y)]
+
+
+def save_split(rows, output):
+    """output/split.csv from split_rows: anyone can check the split, and repeat it."""
+    with artifacts.atomic_path(os.path.join(output, SPLIT_FILE)) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "labels", "part"])
+            writer.writerows(rows)
+
+
+def check_same_split(rows, output):
+    """Refuse to resume a run whose images or split are no longer those it started with
+    (files added, removed or moved since): it would test on images it trained on."""
+    try:
+        with open(os.path.join(output, SPLIT_FILE), newline="", encoding="utf-8") as handle:
+            before = {tuple(row) for row in list(csv.reader(handle))[1:]}
+    except FileNotFoundError:
+        return
+    if before != {tuple(row) for row in rows}:
+        raise UserError(f"the images or their split differ from those of the interrupted run "
+                        f"({os.path.join(output, SPLIT_FILE)}): restore them, or add --fresh "
+                        "to start over")
 
 
 def check_classes(loaded, roots, labelling):

@@ -111,6 +111,11 @@ def evaluate(probabilities, test_y, multi_label, threshold):
                       threshold)
 
 
+def accuracy(evaluation, positions):
+    """The (exact-match) accuracy of evaluation on the test images at positions."""
+    return float(accuracy_score(evaluation.true[positions], evaluation.predicted[positions]))
+
+
 def save_test_reports(evaluation, test_x, classes, output, model):
     """The classification report, the confusion matrix and the most confident mistakes with
     where model looked; returns the report's text and scores, and the test accuracy
@@ -317,9 +322,10 @@ def save_confident_mistakes(pictures, true, probabilities, classes, output, thre
     save_figure(figure, os.path.join(output, MISTAKES))
 
 
-def write_html(output, summary, report, trust=()):
+def write_html(output, summary, report, trust=(), data=""):
     """report.html: the run's figures, pictures and per-class scores on one page; trust: the
-    lines of confidence_report about the calibration and --min-confidence."""
+    lines of confidence_report about the calibration and --min-confidence; data: the "Your
+    data" section (data_report.section)."""
     def link(name):
         return f'<a href="{html.escape(name)}">{html.escape(name)}</a>'
 
@@ -345,24 +351,13 @@ def write_html(output, summary, report, trust=()):
                         '</td></tr>')
     files = [name for name in (REPORT_TEXT, REPORT_JSON, "history.csv", "config.json",
                                "labels.json", CALIBRATION_JSON, "skipped_files.csv",
-                               artifacts.MODEL_FILE)
+                               "split.csv", "data_check.json", "duplicates.csv",
+                               "label_issues.csv", artifacts.MODEL_FILE)
              if os.path.exists(os.path.join(output, name))]
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>Training report</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
-img {{ max-width: 100%; }}
-</style>
-</head>
-<body>
-<h1>Training report</h1>
+    body = f"""<h1>Training report</h1>
 <table>{facts}</table>
 {picture(OVERVIEW, "The dataset")}
+{data}
 {picture(TRAINING_PLOT, "Loss and accuracy per epoch")}
 <h2>Scores per class (test split)</h2>
 <table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th><th>support</th></tr>
@@ -375,11 +370,29 @@ img {{ max-width: 100%; }}
 {picture(CALIBRATION_PLOT, "Reliability: accuracy against confidence (test split)")}
 {picture(COVERAGE_PLOT, "Accuracy against the share answered, for --min-confidence")}
 <h2>Files</h2>
-<ul>{"".join(f"<li>{link(name)}</li>" for name in files)}</ul>
+<ul>{"".join(f"<li>{link(name)}</li>" for name in files)}</ul>"""
+    write_page(os.path.join(output, HTML), "Training report", body)
+
+
+def write_page(path, title, body):
+    """A self-contained HTML page (see the top of this file) of body under title."""
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+img {{ max-width: 100%; }}
+</style>
+</head>
+<body>
+{body}
 </body>
 </html>
 """
-    with artifacts.atomic_path(os.path.join(output, HTML)) as temporary:
+    with artifacts.atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             handle.write(page)
-

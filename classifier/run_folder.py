@@ -34,7 +34,8 @@ LOCK_FILE = ".lock"
 # Settings that may change between an interrupted run and its resumption.
 NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs", "cache_dir",
                        "no_cache", "data_mode", "config", "early_stopping", "strategy", "devices",
-                       "worker_addresses", "worker_index"}
+                       "worker_addresses", "worker_index", "check_only", "find_label_issues",
+                       "label_issue_folds", "label_issue_epochs"}
 
 
 @contextlib.contextmanager
@@ -63,8 +64,10 @@ def output_lock(output):
 
 
 def prepare_folders(output, logs):
-    """Create the output folders up front, so a bad location fails now, not after training."""
-    for folder in (output, os.path.join(output, CHECKPOINTS), logs):
+    """Create the output folders up front, so a bad location fails now, not after training;
+    logs None: a run that trains nothing (--check-only), with no checkpoints either."""
+    for folder in (output,) if logs is None else (output, os.path.join(output, CHECKPOINTS),
+                                                  logs):
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as error:

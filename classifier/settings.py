@@ -36,6 +36,8 @@ RANGES = {
     "warmup_epochs": Range(0), "weight_decay": Range(0),
     "label_smoothing": Range(0, 1, high_open=True),
     "head_epochs": COUNT, "fine_tune_lr": Range(0, low_open=True),
+    "label_issue_folds": Range(2, why="cross-validation needs two folds at least"),
+    "label_issue_epochs": AT_LEAST_ONE,
 }
 
 
@@ -47,7 +49,7 @@ def build_parser():
     parser.add_argument("--config", default=None,
                         help="JSON or YAML file whose keys are flags (epochs, batch_size, ...); "
                              "flags given on the command line win")
-    for add_group in (_data_flags, _labelling_flags, _model_flags, _fine_tuning_flags,
+    for add_group in (_data_flags, _data_check_flags, _labelling_flags, _model_flags, _fine_tuning_flags,
                       _augmentation_flags, _schedule_flags, _checkpoint_flags, _cluster_flags,
                       _output_flags):
         add_group(parser)
@@ -85,6 +87,22 @@ def _data_flags(parser):
                             "free memory")
     group.add_argument("--class-weight", choices=("none", "balanced"), default="none",
                        help="balanced: weigh each class's loss by its rarity in training")
+
+
+def _data_check_flags(parser):
+    group = parser.add_argument_group(
+        "data check (every run looks for copies, conflicting labels and odd images first)")
+    group.add_argument("--check-only", action="store_true",
+                       help="check the data and write its report into <output>/check/, "
+                            "without training or touching an earlier run's files")
+    group.add_argument("--find-label-issues", action="store_true",
+                       help="also rank the training images whose label is probably wrong "
+                            "(label_issues.csv), by cross-validation: trains "
+                            "--label-issue-folds extra models first")
+    group.add_argument("--label-issue-folds", type=int, default=4,
+                       help="folds of that cross-validation")
+    group.add_argument("--label-issue-epochs", type=int, default=10,
+                       help="epochs each of its models trains")
 
 
 def _labelling_flags(parser):
@@ -305,6 +323,8 @@ def check(args):
     if args.warmup_epochs >= args.epochs and args.schedule == "onecycle":
         raise UserError(f"--warmup-epochs ({args.warmup_epochs}) must be fewer than --epochs "
                         f"({args.epochs})")
+    if args.check_only and args.lr_find:
+        raise UserError("--check-only trains nothing: drop --lr-find")
     if args.lr_find and (args.worker_addresses or os.environ.get("TF_CONFIG")):
         raise UserError("--lr-find runs on one machine: drop the multi-worker settings")
     if (args.multi_label or args.labels_csv) and args.class_weight != "none":
