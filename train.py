@@ -56,10 +56,9 @@ def load_data(args, output):
     log.info("training on %d images, validating on %d%s, testing on %d", len(splits.train.x),
              len(splits.validation.x), "" if splits.has_validation else " (the test split)",
              len(splits.test.x))
-    # Groups of copies within --dataset change the split only where it splits --dataset.
-    split_changed = ("test" not in folders or bool(args.val_size)) and any(
-        all(findings.records[member].part == "train" for member in members)
-        for members in findings.groups)
+    # Copies within --dataset change the split only where it splits --dataset.
+    split_changed = ("test" not in folders or bool(args.val_size)) and findings.copies_within(
+        "train")
     return binarizer, classes, splits, data_mode, Checked(
         findings, data_check.images_of(folders), split_changed)
 
@@ -82,17 +81,18 @@ def find_label_issues(args, output, strategy, classes, splits, checked, make_mod
 
     def fit_and_predict(train_at, held_at):
         model, phases = make_model()
-        training = dataset.take(splits.train.x, train_at, in_memory=True)
+        training = dataset.take(splits.train.x, train_at, in_memory=False)  # as it is
         steps = pipelines.steps_per_epoch(len(train_at), args.batch_size)
         for phase in phases:
             fine_tuning.set_trainable(model, phase.trains)
             compile_model(args, model, strategy, phase.lr, phase.epochs, steps)
             model.fit(pipelines.training_batches(training, splits.train.y[train_at],
                                                  args.batch_size, augment, args.seed,
-                                                 first_epoch=phase.start),
+                                                 first_epoch=phase.start,
+                                                 mix=augmentation.mixing(args.mix, args.seed)),
                       steps_per_epoch=steps, initial_epoch=phase.start, epochs=phase.end,
                       shuffle=False, verbose=0)
-        return model.predict(pipelines.batches(dataset.take(splits.train.x, held_at, True),
+        return model.predict(pipelines.batches(dataset.take(splits.train.x, held_at, False),
                                                splits.train.y[held_at], args.batch_size),
                              verbose=0)
 

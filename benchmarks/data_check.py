@@ -1,10 +1,12 @@
 """What the data check calls a copy, and what it costs.
 
     python benchmarks/data_check.py planted ../shared/data/clothing-dataset-small/train
+    python benchmarks/data_check.py distances ../shared/data/clothing-dataset-small/train
     python benchmarks/data_check.py real ../shared/data/clothing-dataset-small
     python benchmarks/data_check.py cost ../shared/data/clothing-dataset-small --images 30000
 
-planted: a folder of originals, each beside planted variants (resized and re-encoded,
+distances: the check's thumbnail distance, and a perceptual hash's, between photos and their
+variants, and between the closest different photos. planted: a folder of originals, each beside planted variants (resized and re-encoded,
 re-encoded at JPEG quality 30, cropped by 3% and 5% a side, mirrored; and colour variants that
 are not copies: hue turned by 30 and 120 degrees, grayscale); prints, per kind, the share of
 variants the check groups with their original. real: the groups it finds in each of the
@@ -109,6 +111,59 @@ def planted(args):
     print(f"  groups joining two different originals: {originals_together}")
 
 
+def distances(args):
+    """The check's distance between each photo and its variants, and between the closest
+    different photos of the folder (every pair within --hash-bits of each other by a 64-bit
+    difference hash, imagehash's, and the hash distances of the variants beside)."""
+    import imagehash
+    from PIL import Image
+    originals = images.list_images(args.data)
+    chosen = np.random.default_rng(args.seed).choice(len(originals), args.originals,
+                                                     replace=False)
+
+    def small(image):
+        return images.resize(image, args.image_size)
+
+    def bits(image):
+        return imagehash.dhash(Image.fromarray(image), 8).hash.ravel()
+
+    def hash_distance(first, second):
+        return min(np.sum(bits(first) != bits(second)),
+                   np.sum(bits(first) != bits(second[:, ::-1])))
+
+    def distance(first, second):
+        return min(data_check.cropped_distance(first, second, flipped)
+                   for flipped in (False, True))
+
+    print(f"{args.originals} photos of {args.data}, {args.image_size} px: thumbnail distance "
+          "(min / median / max) and difference-hash bits (median / max)")
+    for kind, make in {**COPIES, **NOT_COPIES}.items():
+        measured, hashed = [], []
+        for index in chosen:
+            image = images.decode_image(originals[index])
+            first, second = small(image), small(make(image))
+            whole = min(np.abs(data_check.thumbnail(first) - data_check.thumbnail(
+                second[:, ::-1] if flip else second)).mean() for flip in (False, True))
+            measured.append(min(whole, distance(first, second)))
+            hashed.append(hash_distance(first, second))
+        print(f"  {kind:24s} {min(measured):5.2f} / {np.median(measured):5.2f} / "
+              f"{max(measured):5.2f}   bits {np.median(hashed):4.0f} / {max(hashed):3.0f}")
+    pictures = [small(images.decode_image(path)) for path in originals]
+    packed = np.packbits(np.stack([bits(picture) for picture in pictures]), axis=1)
+    mirrored = np.packbits(np.stack([bits(picture[:, ::-1]) for picture in pictures]), axis=1)
+    close = []
+    for index in range(len(pictures)):
+        apart = np.minimum(np.unpackbits(packed[index] ^ packed[index + 1:], axis=1).sum(1),
+                           np.unpackbits(packed[index] ^ mirrored[index + 1:], axis=1).sum(1))
+        close += [(index, index + 1 + other) for other in np.flatnonzero(apart <= args.hash_bits)]
+    measured = sorted(min(
+        np.abs(data_check.thumbnail(pictures[a]) - data_check.thumbnail(
+            pictures[b][:, ::-1] if flip else pictures[b])).mean() for flip in (False, True))
+        for a, b in close)
+    print(f"  {len(close)} pairs of the {len(pictures)} photos within {args.hash_bits} bits; "
+          f"their thumbnail distances, smallest: {', '.join(f'{d:.2f}' for d in measured[:4])}")
+
+
 def real(args):
     roots = {part: os.path.join(args.data, folder) for part, folder in
              (("train", "train"), ("validation", "validation"), ("test", "test"))
@@ -146,15 +201,17 @@ def cost(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("planted", "real", "cost"))
+    parser.add_argument("mode", choices=("planted", "distances", "real", "cost"))
     parser.add_argument("data", help="a folder of class sub-folders (real: with train/ etc.)")
     parser.add_argument("--originals", type=int, default=200, help="planted: photos to copy")
     parser.add_argument("--images", type=int, default=3000, help="cost: images in the folder")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--hash-bits", type=int, default=10,
+                        help="distances: pairs of photos this close by the hash")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work", default="/tmp/data_check_bench")
     args = parser.parse_args()
-    {"planted": planted, "real": real, "cost": cost}[args.mode](args)
+    {"planted": planted, "distances": distances, "real": real, "cost": cost}[args.mode](args)
 
 
 if __name__ == "__main__":

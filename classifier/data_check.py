@@ -90,6 +90,11 @@ class Findings:
         positions = [index for index, record in enumerate(self.records) if record.part == part]
         return np.array([numbers.get(index, len(self.groups) + index) for index in positions])
 
+    def copies_within(self, part):
+        """Whether some group of copies lies wholly in part."""
+        return any(all(self.records[member].part == part for member in members)
+                   for members in self.groups)
+
     def leaked(self, part):
         """Positions within part of its images that have a copy in another part."""
         positions = [index for index, record in enumerate(self.records) if record.part == part]
@@ -252,7 +257,7 @@ def _near_pairs(thumbnails, pictures):
             axis=(1, 2, 3))
     pairs = [(int(a), int(b)) for a, b, d in zip(first, second, distance) if d < NEAR]
     for a, b, is_flipped, d in zip(first, second, flipped, distance):
-        if NEAR <= d < CROP_SEARCH and _cropped_distance(
+        if NEAR <= d < CROP_SEARCH and cropped_distance(
                 pictures[int(a)], pictures[int(b)], is_flipped) < NEAR:
             pairs.append((int(a), int(b)))
     return pairs
@@ -266,7 +271,7 @@ def _summary(thumbnails):
         len(thumbnails), -1)
 
 
-def _cropped_distance(picture, other, flipped):
+def cropped_distance(picture, other, flipped):
     """The smallest thumbnail distance between picture and other (mirrored when flipped),
     either of them cropped by one of CROPS."""
     if flipped:

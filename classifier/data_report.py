@@ -64,24 +64,28 @@ def shown_groups(findings):
 def save_picture(findings, pictures, output):
     shown = shown_groups(findings)
     rows = max(1, len(shown))
-    figure, grid = plt.subplots(rows, MEMBERS_SHOWN, figsize=(MEMBERS_SHOWN * 1.9, rows * 2.3),
+    columns = max([2] + [min(len(findings.groups[number]), MEMBERS_SHOWN) for number in shown])
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.3 + 0.4),
                                 squeeze=False, layout="constrained")
     for axes in grid.flat:
         axes.axis("off")
     for row, number in enumerate(shown):
         members = findings.groups[number]
-        for column, member in enumerate(members[:MEMBERS_SHOWN]):
+        fits = members if len(members) <= columns else members[:columns - 1]
+        for column, member in enumerate(fits):
             record = findings.records[member]
             axes = grid[row, column]
             axes.imshow(pictures[member])
             conflict = number in findings.conflicts
             axes.set_title(f"{record.label}\n{record.part}: {_short(record.path)}", fontsize=7,
                            color="#c0392b" if conflict else "black")
-        if len(members) > MEMBERS_SHOWN:
-            grid[row, -1].set_title(f"+{len(members) - MEMBERS_SHOWN + 1} more", fontsize=7)
+        if len(fits) < len(members):
+            grid[row, -1].text(0.1, 0.5, f"and {len(members) - len(fits)} more\n({CSV})",
+                               fontsize=9)
     if not shown:
         grid[0, 0].text(0, 0.5, "No copies found.", fontsize=12)
-    figure.suptitle("Groups of copies, one per row (conflicting labels in red)")
+    figure.suptitle("Copies of one photo, a group per row (conflicting labels in red)",
+                    fontsize=10)
     reports.save_figure(figure, os.path.join(output, PICTURE))
 
 
@@ -96,13 +100,14 @@ def lines(findings, split_changed, leaked_accuracy=None):
     test folder has copies of training images."""
     records = findings.records
     copies = sum(len(members) for members in findings.groups)
-    said = [f"{len(records):,} images checked for copies: {len(findings.groups)} groups "
-            f"({copies} images; {sum(findings.exact)} groups identical once decoded, the "
-            "others resized, re-encoded, mirrored or slightly cropped copies), listed in "
-            f"{CSV}."]
+    said = [f"{len(records):,} images checked for copies: {_count(findings.groups, 'group')}"
+            f" ({copies} images; {_count(range(sum(findings.exact)), 'group')} identical once "
+            "decoded, the others with resized, re-encoded, mirrored or slightly cropped "
+            f"copies), listed in {CSV}."]
     if findings.conflicts:
-        said.append(f"{len(findings.conflicts)} groups carry conflicting labels: the same "
-                    "photo filed under different classes. One of the labels is wrong.")
+        said.append(f"{_count(findings.conflicts, 'group')} of copies with conflicting labels:"
+                    " the same photo filed under different classes. One of the labels is "
+                    "wrong.")
     if split_changed:
         said.append("The split keeps each group of copies within one part (training, "
                     "validation or test), so no test photo has a copy in training; it differs "
@@ -135,6 +140,10 @@ def lines(findings, split_changed, leaked_accuracy=None):
         if found:
             said.append(f"{len(found)} images {what}: {_names(found, records)}.")
     return said
+
+
+def _count(things, noun):
+    return f"{len(things)} {noun}{'' if len(things) == 1 else 's'}"
 
 
 def _names(indices, records):
