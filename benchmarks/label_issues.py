@@ -103,7 +103,7 @@ def main(argv=None):
     minutes = (time.perf_counter() - started) / 60
     # Links and the photos they point to alike: compared as the files they are.
     wrong = {os.path.realpath(link) for link, _, _ in flipped}
-    ranking = ranked_photos(output)
+    ranking = ranked_photos(os.path.join(output, "check"))  # where --check-only writes
     top = ranking[:2 * len(flipped)]
     hits = len(wrong.intersection(top))
     print(f"flipped: {len(flipped)} of {photos} photos ({args.flip:.1%}), "

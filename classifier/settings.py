@@ -323,6 +323,9 @@ def check(args):
     if args.warmup_epochs >= args.epochs and args.schedule == "onecycle":
         raise UserError(f"--warmup-epochs ({args.warmup_epochs}) must be fewer than --epochs "
                         f"({args.epochs})")
+    if args.find_label_issues and (args.worker_addresses or os.environ.get("TF_CONFIG")):
+        raise UserError("--find-label-issues runs on one machine: drop the multi-worker "
+                        "settings")
     if args.check_only and args.lr_find:
         raise UserError("--check-only trains nothing: drop --lr-find")
     if args.lr_find and (args.worker_addresses or os.environ.get("TF_CONFIG")):
