@@ -243,15 +243,16 @@ def test_a_resumed_run_keeps_its_split_and_refuses_a_changed_folder(demo_dataset
 def test_find_label_issues_ranks_planted_wrong_labels_first(tmp_path):
     import demo
     root = tmp_path / "data"
-    classes = ["red_dress", "blue_pants", "green_shoes", "white_dress"]
-    demo.generate(str(root), per_class=30, seed=5, size=40, classes=classes)
+    classes = ["red_dress", "blue_pants", "green_shoes", "white_shoes"]
+    demo.generate(str(root), per_class=40, seed=5, size=40, classes=classes, plain=True)
     # A test folder of its own: every image of root is cross-validated.
-    demo.generate(str(tmp_path / "test"), per_class=3, seed=6, size=40, classes=classes)
+    demo.generate(str(tmp_path / "test"), per_class=3, seed=6, size=40, classes=classes,
+                  plain=True)
     flipped = []
     for number, (source, target) in enumerate([("red_dress", "blue_pants"),
                                                ("blue_pants", "green_shoes"),
-                                               ("green_shoes", "white_dress"),
-                                               ("white_dress", "red_dress")]):
+                                               ("green_shoes", "white_shoes"),
+                                               ("white_shoes", "red_dress")]):
         name = sorted(os.listdir(root / source))[number]
         os.rename(root / source / name, root / target / f"flipped_{name}")
         flipped.append(str(root / target / f"flipped_{name}"))
@@ -259,12 +260,12 @@ def test_find_label_issues_ranks_planted_wrong_labels_first(tmp_path):
     assert train.main(["--dataset", str(root), "--test-dir", str(tmp_path / "test"),
                        "--output", str(output), "--check-only",
                        "--find-label-issues", "--label-issue-folds", "3",
-                       "--label-issue-epochs", "8", "--image-size", "32", "--workers", "2",
-                       "--batch-size", "16", "--recipe", "fast"]) == 0
+                       "--label-issue-epochs", "15", "--image-size", "32", "--workers", "2",
+                       "--batch-size", "16"]) == 0
     with open(output / "check" / "label_issues.csv", newline="") as handle:
         ranked = [row["path"] for row in csv.DictReader(handle)]
     found = set(ranked[:2 * len(flipped)]) & set(flipped)
-    assert len(found) >= 3, ranked[:10]
+    assert len(found) >= 3, ranked[:10]  # 4, 4, 3, 4, 4 of 4 with seeds 5 to 9
     assert (output / "check" / "label_issues.png").exists()
     page = (output / "check" / "data_check.html").read_text()
     assert "label_issues.png" in page and "probably wrong" in page
