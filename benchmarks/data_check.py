@@ -132,8 +132,14 @@ def distances(args):
                    np.sum(bits(first) != bits(second[:, ::-1])))
 
     def distance(first, second):
-        return min(data_check.cropped_distance(first, second, flipped)
-                   for flipped in (False, True))
+        """The check's distance: whole or cropped thumbnails, the second mirrored or not."""
+        measured = []
+        for other in (second, second[:, ::-1]):
+            whole = (data_check.thumbnail(first), data_check.thumbnail(other))
+            measured += [np.abs(whole[0] - whole[1]).mean(), data_check.cropped_distance(
+                whole[0][None], data_check.crop_thumbnails(first)[None], whole[1][None],
+                data_check.crop_thumbnails(other)[None])[0]]
+        return min(measured)
 
     print(f"{args.originals} photos of {args.data}, {args.image_size} px: thumbnail distance "
           "(min / median / max) and difference-hash bits (median / max)")
@@ -142,9 +148,7 @@ def distances(args):
         for index in chosen:
             image = images.decode_image(originals[index])
             first, second = small(image), small(make(image))
-            whole = min(np.abs(data_check.thumbnail(first) - data_check.thumbnail(
-                second[:, ::-1] if flip else second)).mean() for flip in (False, True))
-            measured.append(min(whole, distance(first, second)))
+            measured.append(distance(first, second))
             hashed.append(hash_distance(first, second))
         print(f"  {kind:24s} {min(measured):5.2f} / {np.median(measured):5.2f} / "
               f"{max(measured):5.2f}   bits {np.median(hashed):4.0f} / {max(hashed):3.0f}")

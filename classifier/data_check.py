@@ -256,10 +256,20 @@ def _near_pairs(thumbnails, pictures):
         distance[part] = np.abs(thumbnails[first[part]].astype(np.float32) - other).mean(
             axis=(1, 2, 3))
     pairs = [(int(a), int(b)) for a, b, d in zip(first, second, distance) if d < NEAR]
-    for a, b, is_flipped, d in zip(first, second, flipped, distance):
-        if NEAR <= d < CROP_SEARCH and cropped_distance(
-                pictures[int(a)], pictures[int(b)], is_flipped) < NEAR:
-            pairs.append((int(a), int(b)))
+    search = np.flatnonzero((NEAR <= distance) & (distance < CROP_SEARCH))
+    searched = np.union1d(first[search], second[search])
+    crops = np.stack([crop_thumbnails(pictures[int(index)]) for index in searched]) \
+        if len(searched) else None
+    for start in range(0, len(search), 4096):
+        part = search[start:start + 4096]
+        row_a, row_b = (np.searchsorted(searched, side[part]) for side in (first, second))
+        other = np.where(flipped[part, None, None, None], mirrored[second[part]],
+                         thumbnails[second[part]]).astype(np.float32)
+        other_crops = np.where(flipped[part, None, None, None, None],
+                               crops[row_b][:, :, :, ::-1], crops[row_b])
+        close = cropped_distance(thumbnails[first[part]].astype(np.float32), crops[row_a],
+                                 other, other_crops) < NEAR
+        pairs += [(int(a), int(b)) for a, b in zip(first[part][close], second[part][close])]
     return pairs
 
 
@@ -271,14 +281,18 @@ def _summary(thumbnails):
         len(thumbnails), -1)
 
 
-def cropped_distance(picture, other, flipped):
-    """The smallest thumbnail distance between picture and other (mirrored when flipped),
-    either of them cropped by one of CROPS."""
-    if flipped:
-        other = other[:, ::-1]
-    whole = (thumbnail(picture), thumbnail(other))
-    return min(min(np.abs(thumbnail(picture, crop) - whole[1]).mean(),
-                   np.abs(whole[0] - thumbnail(other, crop)).mean()) for crop in CROPS)
+def crop_thumbnails(picture):
+    """The thumbnails of picture cropped by each of CROPS, stacked."""
+    return np.stack([thumbnail(picture, crop) for crop in CROPS])
+
+
+def cropped_distance(first, first_crops, second, second_crops):
+    """The smallest distance between one image's thumbnail and the other's cropped ones,
+    either way round, for each pair (rows of thumbnails, and of their crop_thumbnails): a
+    copy cropped by a few percent is close to one of them."""
+    def apart(whole, cropped):
+        return np.abs(cropped - whole[:, None]).mean(axis=(2, 3, 4)).min(axis=1)
+    return np.minimum(apart(second, first_crops), apart(first, second_crops))
 
 
 def _groups(pairs, count):
