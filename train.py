@@ -31,8 +31,9 @@ CHECK_FOLDER = "check"  # where --check-only writes, inside --output
 
 def load_data(args, output):
     """1. Load the data: list and label the images, decode and resize them (cached), check
-    them for copies and oddities (data_check.py), binarize the labels, split off the test
-    images keeping copies together (or take the pre-split folders)."""
+    them for copies and oddities (data_check.py, its files: data_report.py), binarize the
+    labels, split off the test images keeping copies together (or take the pre-split
+    folders)."""
     folders, skipped = dataset.load_folders(
         {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
         dataset.Labelling(args.multi_label, args.label_separator, args.labels_csv,
@@ -59,16 +60,16 @@ def load_data(args, output):
     # Copies within --dataset change the split only where it splits --dataset.
     split_changed = ("test" not in folders or bool(args.val_size)) and findings.copies_within(
         "train")
-    return binarizer, classes, splits, data_mode, Checked(
-        findings, data_check.images_of(folders), split_changed)
+    if not args.lr_find:
+        data_report.save(findings, data_check.images_of(folders), output, split_changed)
+    return binarizer, classes, splits, data_mode, Checked(findings, split_changed)
 
 
 @dataclasses.dataclass
 class Checked:
-    """What the data check found, the images it looked at, and (--find-label-issues) the
-    lines and files about labels that are probably wrong."""
+    """What the data check found, and (--find-label-issues) the lines about labels that
+    are probably wrong."""
     findings: data_check.Findings
-    pictures: object
     split_changed: bool  # groups of copies kept whole made the split differ from today's
     label_issue_lines: tuple = ()
 
@@ -294,7 +295,6 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
             find_label_issues(args, output, strategy, classes, splits, checked,
                               untrained_model, augment)
         split_rows = dataset.split_rows(splits, classes)
-        data_report.save(checked.findings, checked.pictures, output, checked.split_changed)
         if args.check_only:
             data_report.write_page(output, data_report.section(
                 data_report.lines(checked.findings, checked.split_changed),
