@@ -269,3 +269,22 @@ def test_find_label_issues_ranks_planted_wrong_labels_first(tmp_path):
     assert (output / "check" / "label_issues.png").exists()
     page = (output / "check" / "data_check.html").read_text()
     assert "label_issues.png" in page and "probably wrong" in page
+
+
+@pytest.mark.slow
+def test_a_test_folder_with_copies_of_training_photos_is_reported_with_and_without_them(
+        demo_dataset, tmp_path):
+    import demo
+    test_folder = tmp_path / "test"
+    demo.generate(str(test_folder), per_class=2, seed=9, size=48)
+    copied = sorted(os.listdir(os.path.join(demo_dataset, "red_dress")))[0]
+    shutil.copy(os.path.join(demo_dataset, "red_dress", copied),
+                test_folder / "red_dress" / "copied.jpg")
+    output = tmp_path / "Output"
+    assert train.main(["--dataset", demo_dataset, "--test-dir", str(test_folder), "--output",
+                       str(output), "--logs", str(tmp_path / "logs"), *TINY_FLAGS]) == 0
+    check = json.loads((output / "data_check.json").read_text())
+    assert check["copies_across_parts"] == [str(test_folder / "red_dress" / "copied.jpg")]
+    page = (output / "report.html").read_text()
+    assert "without the 1 that have a copy in training" in page
+    assert len(read_split(str(output))) == 8 * 12 + 8 * 2 + 1  # nothing moved or left out
