@@ -100,10 +100,11 @@ def lines(findings, split_changed, leaked_accuracy=None):
     test folder has copies of training images."""
     records = findings.records
     copies = sum(len(members) for members in findings.groups)
-    said = [f"{len(records):,} images checked for copies: {_count(findings.groups, 'group')}"
-            f" ({copies} images; {_count(range(sum(findings.exact)), 'group')} identical once "
-            "decoded, the others with resized, re-encoded, mirrored or slightly cropped "
-            f"copies), listed in {CSV}."]
+    exact = sum(findings.exact)
+    said = [f"{len(records):,} images checked for copies: {_count(findings.groups, 'group')} "
+            f"of copies ({copies} images): {exact} of identical images once decoded, "
+            f"{len(findings.groups) - exact} with resized, re-encoded, mirrored or slightly "
+            f"cropped copies; listed in {CSV}."]
     if findings.conflicts:
         said.append(f"{_count(findings.conflicts, 'group')} of copies with conflicting labels:"
                     " the same photo filed under different classes. One of the labels is "
@@ -116,9 +117,9 @@ def lines(findings, split_changed, leaked_accuracy=None):
         said.append("The split is the plain stratified random split: no group had to be kept "
                     "together.")
     if findings.leaks:
-        said.append(f"{len(findings.leaks)} images of the given validation or test folders "
-                    "have a copy in another part (the folders are used as given; nothing is "
-                    f"moved): {_names(findings.leaks, records)}.")
+        said.append(f"{_count(findings.leaks, 'image')} of the given validation or test "
+                    "folders with a copy in another part (the folders are used as given; "
+                    f"nothing is moved): {_names(findings.leaks, records)}.")
     if leaked_accuracy:
         everything, without, leaked = leaked_accuracy
         said.append(f"Test accuracy {everything:.4f} on every test image, {without:.4f} "
@@ -133,12 +134,12 @@ def lines(findings, split_changed, leaked_accuracy=None):
                     f"{', '.join(findings.rare_classes)}; --class-weight balanced weighs "
                     "their loss up.")
     for name, what in (("small_images", "much smaller than --image-size (upscaled, so "
-                        "blurred)"), ("extreme_aspect", "over 3 times longer than wide or "
-                                      "wide than long (squashed into a square)"),
+                        "blurred)"), ("extreme_aspect", "with one side over 3 times the other "
+                                      "(squashed into a square)"),
                        ("grayscale", "grayscale among colour photos")):
         found = getattr(findings, name)
         if found:
-            said.append(f"{len(found)} images {what}: {_names(found, records)}.")
+            said.append(f"{_count(found, 'image')} {what}: {_names(found, records)}.")
     return said
 
 
