@@ -253,9 +253,11 @@ def evaluate_and_save(args, output, model, classes, splits, summary, checked):
     leaked_accuracy = None
     if len(leaked):
         unseen = np.setdiff1d(np.arange(len(splits.test.y)), leaked)
-        leaked_accuracy = (summary.test_accuracy, reports.accuracy(after, unseen), len(leaked))
-        log.warning("%d test images have a copy in training: test accuracy %.4f, %.4f without "
-                    "them", len(leaked), *leaked_accuracy[:2])
+        leaked_accuracy = (summary.test_accuracy,
+                           reports.accuracy(after, unseen) if len(unseen) else None, len(leaked))
+        log.warning("%d of %d test images have a copy in training: the test accuracy counts "
+                    "what the model has seen (report.html, Your data)", len(leaked),
+                    len(splits.test.y))
     reports.write_html(output, summary.facts(), scores, trust, data_report.section(
         data_report.lines(checked.findings, checked.split_changed, leaked_accuracy),
         checked.label_issue_lines))

@@ -96,8 +96,8 @@ def _short(path, length=18):
 
 def lines(findings, split_changed, leaked_accuracy=None):
     """The sentences of the "Your data" section. leaked_accuracy: (accuracy on every test
-    image, on those without a copy in training, how many have one), where a pre-split
-    test folder has copies of training images."""
+    image, on those without a copy in training (None: there are none), how many have one),
+    where a pre-split test folder has copies of training images."""
     records = findings.records
     copies = sum(len(members) for members in findings.groups)
     exact = sum(findings.exact)
@@ -123,7 +123,9 @@ def lines(findings, split_changed, leaked_accuracy=None):
     if leaked_accuracy:
         everything, without, leaked = leaked_accuracy
         said.append(f"Test accuracy {everything:.4f} on every test image, {without:.4f} "
-                    f"without the {leaked} that have a copy in training.")
+                    f"without the {leaked} that have a copy in training." if without is not None
+                    else f"Every test image has a copy in training: the test accuracy, "
+                    f"{everything:.4f}, measures what the model has seen.")
     counts = ", ".join(f"{name} {count}" for name, count in findings.class_counts.items())
     said.append(f"Training images per class: {counts}.")
     if findings.tiny_classes:
