@@ -43,7 +43,8 @@ def load_data(args, output):
     if not args.lr_find:  # a range test leaves a run's files as they are
         dataset.save_skipped(skipped, output)
     findings = data_check.check(data_check.records_of(folders, args.multi_label),
-                                data_check.images_of(folders), args.image_size)
+                                data_check.images_of(folders), args.image_size,
+                                args.multi_label)
     log.info("%s (details: %s)", findings.summary(), data_report.JSON)
     binarizer, targets = artifacts.fit_binarizer(folders["train"].labels, args.multi_label)
     data_mode = hardware.choose_data_mode(args.data_mode, dataset.size_in_bytes(folders),

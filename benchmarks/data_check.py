@@ -3,13 +3,14 @@
     python benchmarks/data_check.py planted ../shared/data/clothing-dataset-small/train
     python benchmarks/data_check.py distances ../shared/data/clothing-dataset-small/train
     python benchmarks/data_check.py real ../shared/data/clothing-dataset-small
-    python benchmarks/data_check.py cost ../shared/data/clothing-dataset-small --images 30000
+    python benchmarks/data_check.py cost ../shared/data/clothing-dataset-small/train --images 30000
 
 distances: the check's thumbnail distance, and a perceptual hash's, between photos and their
-variants, and between the closest different photos. planted: a folder of originals, each beside planted variants (resized and re-encoded,
-re-encoded at JPEG quality 30, cropped by 3% and 5% a side, mirrored; and colour variants that
-are not copies: hue turned by 30 and 120 degrees, grayscale); prints, per kind, the share of
-variants the check groups with their original. real: the groups it finds in each of the
+variants, and between the closest different photos. planted: a folder of originals, each
+beside planted variants (resized and re-encoded, re-encoded at JPEG quality 30, cropped by 3%
+and 5% a side, mirrored; and colour variants that are not copies: hue turned by 30 and 120
+degrees, grayscale); prints, per kind, the share of variants the check groups with their
+original. real: the groups it finds in each of the
 folder's parts checked together, with their paths. cost: the check on a folder of that many
 images made by resizing and re-encoding the real photos, cold (decoding into a new cache)
 and warm (the cache filled), timed apart from the decoding.

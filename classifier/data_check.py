@@ -79,6 +79,7 @@ class Findings:
     extreme_aspect: list
     grayscale: list
     image_size: int
+    multi_label: bool = False
 
     def group_numbers(self, part):
         """A group number for each image of part, in order: copies share one, every other
@@ -157,7 +158,7 @@ class _Chain:
                 yield part[start:start + size]
 
 
-def check(records, pictures, image_size):
+def check(records, pictures, image_size, multi_label=False):
     """Findings for the images pictures (as the model sees them, in records' order)."""
     thumbnails, fingerprints = _thumbnails(pictures)
     pairs = _exact_pairs(fingerprints) + _near_pairs(thumbnails, pictures)
@@ -181,8 +182,9 @@ def check(records, pictures, image_size):
         extreme_aspect=[index for index, record in enumerate(records)
                         if max(record.size) > EXTREME_ASPECT * min(record.size)],
         # Only worth saying among colour photos: in a grayscale dataset it is the norm.
-        grayscale=[int(index) for index in grayscale] if len(grayscale) < len(records) / 2 else [],
-        image_size=image_size)
+        grayscale=([int(index) for index in grayscale] if len(grayscale) < len(records) / 2
+                   else []),
+        image_size=image_size, multi_label=multi_label)
 
 
 def _class_counts(records):

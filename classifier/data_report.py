@@ -132,9 +132,10 @@ def lines(findings, split_changed, leaked_accuracy=None):
         said.append(f"Classes with under 10 images, too few to learn or to test: "
                     f"{', '.join(findings.tiny_classes)}.")
     if findings.rare_classes:
-        said.append(f"Classes with under a fifth of the largest class's images: "
-                    f"{', '.join(findings.rare_classes)}; --class-weight balanced weighs "
-                    "their loss up.")
+        said.append(f"{'Labels' if findings.multi_label else 'Classes'} with under a fifth of "
+                    f"the largest one's images: {', '.join(findings.rare_classes)}"
+                    + ("." if findings.multi_label else
+                       "; --class-weight balanced weighs their loss up."))
     for name, what in (("small_images", "much smaller than --image-size (upscaled, so "
                         "blurred)"), ("extreme_aspect", "with one side over 3 times the other "
                                       "(squashed into a square)"),
