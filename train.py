@@ -8,6 +8,7 @@ and save; each a few calls, their details in the modules of classifier/. What a 
 in the output folder and logs/: README.md, "What lands in Output/ and logs/".
 """
 
+import argparse
 import dataclasses
 import functools
 import logging
@@ -22,8 +23,9 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 
 from classifier import (artifacts, augmentation, calibration, callbacks, cli,
                         confidence_report, data_check, data_report, dataset, distributed,
-                        fine_tuning, hardware, label_issues, multi_worker, networks, pipelines,
-                        reports, run_folder, schedules, settings)
+                        fine_tuning, hardware, images, label_issues, multi_worker, networks,
+                        pipelines, reports, run_folder, schedules, settings, tuning,
+                        tuning_report)
 
 log = logging.getLogger("train")
 CHECK_FOLDER = "check"  # where --check-only writes, inside --output
@@ -83,17 +85,9 @@ def find_label_issues(args, output, strategy, classes, splits, checked, make_mod
 
     def fit_and_predict(train_at, held_at):
         model, phases = make_model()
-        training = dataset.take(splits.train.x, train_at, in_memory=False)  # as it is
-        steps = pipelines.steps_per_epoch(len(train_at), args.batch_size)
-        for phase in phases:
-            fine_tuning.set_trainable(model, phase.trains)
-            compile_model(args, model, strategy, phase.lr, phase.epochs, steps)
-            model.fit(pipelines.training_batches(training, splits.train.y[train_at],
-                                                 args.batch_size, augment, args.seed,
-                                                 first_epoch=phase.start,
-                                                 mix=augmentation.mixing(args.mix, args.seed)),
-                      steps_per_epoch=steps, initial_epoch=phase.start, epochs=phase.end,
-                      shuffle=False, verbose=0)
+        fit_quietly(args, model, strategy, phases, augment, dataset.Split(
+            dataset.take(splits.train.x, train_at, in_memory=False),  # as it is
+            splits.train.y[train_at], None))
         return model.predict(pipelines.batches(dataset.take(splits.train.x, held_at, False),
                                                splits.train.y[held_at], args.batch_size),
                              verbose=0)
@@ -110,6 +104,91 @@ def find_label_issues(args, output, strategy, classes, splits, checked, make_mod
         time.perf_counter() - started)
     log.info("%d likely label issues among %d training images (%s)", len(issues),
              len(splits.train.y), label_issues.FILE)
+
+
+def fit_quietly(args, model, strategy, phases, augment, train, validation=None, callbacks=(),
+                class_weight=None):
+    """3. Train, a model of its own (--find-label-issues, --tune): model.fit phase by phase on
+    train (a dataset.Split), scored on validation if given, with callbacks and none of the
+    run's files."""
+    steps = pipelines.steps_per_epoch(len(train.y), args.batch_size)
+    for phase in phases:
+        fine_tuning.set_trainable(model, phase.trains)
+        compile_model(args, model, strategy, phase.lr, phase.epochs, steps)
+        model.fit(pipelines.training_batches(train.x, train.y, args.batch_size, augment,
+                                             args.seed, first_epoch=phase.start,
+                                             mix=augmentation.mixing(args.mix, args.seed)),
+                  steps_per_epoch=steps, initial_epoch=phase.start, epochs=phase.end,
+                  validation_data=validation and pipelines.batches(
+                      validation.x, validation.y, args.batch_size),
+                  class_weight=class_weight, callbacks=list(callbacks), shuffle=False,
+                  verbose=0)
+        if model.stop_training:
+            return
+
+
+def check_search_budget(args, strategy, policy, build_model):
+    """2. Configure the model, --tune: refuse a budget too small for one trial of the
+    recipe's own settings, its training steps timed on random images, before any image is
+    loaded."""
+    found = len(images.list_images(args.dataset))
+    training = found * (1 if args.test_dir else 1 - args.test_size) - (
+        0 if args.val_dir else found * args.val_size)
+    model, _ = configure_model(args, ["a", "b"], strategy, policy, None, build_model)
+    step = tuning.seconds_per_step(model, args.image_size, args.batch_size, 2)
+    tuning.check_budget(args.tune, step * args.epochs * pipelines.steps_per_epoch(
+        max(1, round(training)), args.batch_size), args.epochs)
+
+
+def search_settings(args, output, strategy, policy, classes, splits, data_mode, build_model,
+                    class_weight):
+    """2. Configure the model, --tune: search the settings on the validation part only
+    (tuning.py), each trial a new model trained for --epochs. Returns args with the chosen
+    settings, the splits at the chosen image size, and the search."""
+    fixed = set(args.tune_fixed)
+    space = tuning.space(args, fixed, () if fixed & {"model", "weights"} else
+                         tuning.pretrained_at_hand(
+                             [name for name, network in networks.REGISTRY.items()
+                              if network.imagenet]), stream=data_mode == "stream")
+    resized = {}
+
+    def part_at(name, size):
+        if size == args.image_size:
+            return getattr(splits, name)
+        if (name, size) not in resized:  # the same images, decoded at that size
+            resized[name, size] = dataset.at_size(getattr(splits, name), dataset.Decoding(
+                size, args.max_pixels, args.workers, None if args.no_cache else args.cache_dir),
+                f"tune-{name}")
+        return resized[name, size]
+
+    def with_settings(settings):
+        return argparse.Namespace(**{**vars(args), **tuning.settings_of(args, settings, fixed)})
+
+    def train_trial(settings, callback):
+        trial_args = with_settings(settings)
+        keras.utils.set_random_seed(args.seed)
+        weights = networks.resolve_weights(trial_args.model, trial_args.weights)
+        model, new_head = configure_model(trial_args, classes, strategy, policy, weights,
+                                          build_model)
+        fit_quietly(trial_args, model, strategy, fine_tuning.plan(
+            bool(weights), new_head, args.epochs, args.head_epochs, trial_args.lr,
+            trial_args.fine_tune_lr), configure_augmentation(trial_args),
+            part_at("train", settings["image_size"]),
+            part_at("validation", settings["image_size"]), [callback], class_weight)
+
+    search = tuning.search(
+        train_trial, space, tuning.baseline(args, space), os.path.join(output, tuning.FOLDER),
+        args.tune, args.tune_trials, args.seed, args.epochs,
+        "val_binary_accuracy" if args.multi_label else "val_accuracy",
+        tuning.fingerprint([run_folder.resume_settings(args), dataclasses.asdict(space),
+                            dataset.split_rows(splits, classes)]), fresh=args.fresh)
+    tuning_report.save(search, output)
+    chosen = with_settings(search.chosen["settings"])
+    if chosen.run_name.startswith(f"{args.model}-"):  # the default name: the chosen network's
+        chosen.run_name = chosen.model + chosen.run_name[len(args.model):]
+    size = chosen.image_size  # the test part is read at it only now, after the search
+    return chosen, dataset.Splits(part_at("train", size), part_at("validation", size),
+                                  part_at("test", size), splits.has_validation), search
 
 
 def configure_augmentation(args):
@@ -220,11 +299,11 @@ def train_model(args, output, logs, run_name, strategy, model, augment, splits, 
     return time.perf_counter() - started, 0
 
 
-def evaluate_and_save(args, output, model, classes, splits, summary, checked):
+def evaluate_and_save(args, output, model, classes, splits, summary, checked, search=None):
     """4. Evaluate and save: the probabilities calibrated on the validation part, the model,
     the report on the test split (also without the test images that have a copy in
-    training), the plots, report.html; summary gets the test accuracy and the model's
-    path."""
+    training), the plots, report.html (with the --tune search's section); summary gets the
+    test accuracy and the model's path."""
     up_to_logits = calibration.logits_model(model)
     test_logits = calibration.view_logits(
         up_to_logits, pipelines.batches(splits.test.x, splits.test.y, args.batch_size),
@@ -261,7 +340,7 @@ def evaluate_and_save(args, output, model, classes, splits, summary, checked):
                     len(splits.test.y))
     reports.write_html(output, summary.facts(), scores, trust, data_report.section(
         data_report.lines(checked.findings, checked.split_changed, leaked_accuracy),
-        checked.label_issue_lines))
+        checked.label_issue_lines), search and tuning_report.section(search))
     print(text)
     print(f"report: {os.path.join(output, reports.HTML)}")
 
@@ -279,14 +358,16 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
     output, logs = distributed.folders(strategy, args.output, args.logs)
     if args.check_only:  # its own folder: an earlier run's files stay as they are
         output = os.path.join(output, CHECK_FOLDER)
+    policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
+                                                 hardware.cpu_flags())
     with run_folder.output_lock(output):  # one run per output folder, from before it reads
         run_folder.prepare_folders(output, None if args.check_only else logs)
+        if args.tune:
+            check_search_budget(args, strategy, policy, build_model)
         keras.utils.set_random_seed(args.seed)
 
         binarizer, classes, splits, data_mode, checked = load_data(args, output)
 
-        policy = policy or hardware.choose_precision(args.precision, hardware.gpu_capabilities(),
-                                                     hardware.cpu_flags())
         augment = configure_augmentation(args)
         if args.find_label_issues:
             def untrained_model():
@@ -303,6 +384,15 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
                 data_report.lines(checked.findings, checked.split_changed),
                 checked.label_issue_lines))
             return os.path.join(output, data_report.PAGE)
+        class_weight = (dataset.class_weights(splits.train.y, classes)
+                        if args.class_weight == "balanced" else None)
+        search = None
+        if args.tune:
+            args, splits, search = search_settings(args, output, strategy, policy, classes,
+                                                   splits, data_mode, build_model, class_weight)
+            augment = configure_augmentation(args)
+            weights = networks.resolve_weights(args.model, args.weights)
+            keras.utils.set_random_seed(args.seed)
         model, new_head = configure_model(args, classes, strategy, policy, weights, build_model)
         phases = fine_tuning.plan(bool(weights or args.init_from), new_head, args.epochs,
                                   args.head_epochs, args.lr, args.fine_tune_lr)
@@ -319,8 +409,6 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
         if first_epoch:
             dataset.check_same_split(split_rows, output)
         dataset.save_split(split_rows, output)
-        class_weight = (dataset.class_weights(splits.train.y, classes)
-                        if args.class_weight == "balanced" else None)
         summary = reports.RunSummary.of(args, output, os.path.join(logs, run_name), classes,
                                         splits, data_mode, policy)
         log.info("images %s, %s precision", "in memory" if data_mode == "memory"
@@ -334,7 +422,8 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
                               classes=classes, train_images=summary.training_images,
                               test_images=summary.test_images, data_mode=data_mode,
                               precision=policy, validation_images=len(splits.validation.x),
-                              class_weights=class_weight)
+                              class_weights=class_weight,
+                              **({"tuning": search.config()} if search else {}))
 
         summary.seconds, summary.interrupted = train_model(
             args, output, logs, run_name, strategy, model, augment, splits, class_weight,
@@ -344,7 +433,7 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
         summary.epochs_run = len(history.get("loss", []))
         log.info("trained %d epochs in %.1f s", summary.epochs_run, summary.seconds)
 
-        evaluate_and_save(args, output, model, classes, splits, summary, checked)
+        evaluate_and_save(args, output, model, classes, splits, summary, checked, search)
     return summary
 
 

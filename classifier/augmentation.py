@@ -12,6 +12,10 @@ import keras
 # 0.66, validation 0.64; with this one 0.87 and 0.80).
 RECIPES = {"fast": {"rotation_range": 0.0, "shear_range": 0.0, "zoom_range": 0.1,
                     "width_shift_range": 0.05, "height_shift_range": 0.05}}
+BLOG = {"rotation_range": 45, "width_shift_range": 0.1, "height_shift_range": 0.1,
+        "shear_range": 0.2, "zoom_range": 0.2}
+# The strengths --tune chooses from, each with the blog's mirroring.
+STRENGTHS = {"none": dict.fromkeys(BLOG, 0.0), "light": RECIPES["fast"], "blog": BLOG}
 
 _transform_lock = threading.Lock()
 

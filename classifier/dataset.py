@@ -310,6 +310,24 @@ def take(data, positions, in_memory):
     return part.load() if in_memory else part
 
 
+def at_size(part, decoding, name):
+    """part (a Split) with its images decoded at decoding.image_size instead, in memory, kept
+    in the cache under name (one per part, so that no folder's own cache entry is replaced).
+    """
+    if decoding.cache_dir is None:
+        data, kept, _, _ = images.load_images(part.paths, decoding.image_size,
+                                              decoding.max_pixels, workers=decoding.workers)
+    else:
+        data, kept, _, _ = image_cache.load_images(
+            part.paths, decoding.image_size, decoding.cache_dir, decoding.max_pixels,
+            workers=decoding.workers, name=name)
+        data = data.load()
+    if len(kept) != len(part.paths):
+        raise UserError(f"{len(part.paths) - len(kept)} images could no longer be read: were "
+                        "they changed during the run?")
+    return Split(data, part.y, part.paths)
+
+
 def class_weights(train_y, classes):
     """scikit-learn's balanced weights, {class index: weight}: each class's loss weighed by
     its rarity in the training split."""

@@ -322,10 +322,10 @@ def save_confident_mistakes(pictures, true, probabilities, classes, output, thre
     save_figure(figure, os.path.join(output, MISTAKES))
 
 
-def write_html(output, summary, report, trust=(), data=""):
+def write_html(output, summary, report, trust=(), data="", search=""):
     """report.html: the run's figures, pictures and per-class scores on one page; trust: the
     lines of confidence_report about the calibration and --min-confidence; data: the "Your
-    data" section (data_report.section)."""
+    data" section (data_report.section); search: the --tune section (tuning_report)."""
     def link(name):
         return f'<a href="{html.escape(name)}">{html.escape(name)}</a>'
 
@@ -352,12 +352,13 @@ def write_html(output, summary, report, trust=(), data=""):
     files = [name for name in (REPORT_TEXT, REPORT_JSON, "history.csv", "config.json",
                                "labels.json", CALIBRATION_JSON, "skipped_files.csv",
                                "split.csv", "data_check.json", "duplicates.csv",
-                               "label_issues.csv", artifacts.MODEL_FILE)
+                               "label_issues.csv", "tuning.csv", artifacts.MODEL_FILE)
              if os.path.exists(os.path.join(output, name))]
     body = f"""<h1>Training report</h1>
 <table>{facts}</table>
 {picture(OVERVIEW, "The dataset")}
 {data}
+{search or ""}
 {picture(TRAINING_PLOT, "Loss and accuracy per epoch")}
 <h2>Scores per class (test split)</h2>
 <table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th><th>support</th></tr>

@@ -35,7 +35,7 @@ LOCK_FILE = ".lock"
 NOT_RESUME_RELEVANT = {"epochs", "run_name", "fresh", "verbose", "workers", "logs", "cache_dir",
                        "no_cache", "data_mode", "config", "early_stopping", "strategy", "devices",
                        "worker_addresses", "worker_index", "check_only", "find_label_issues",
-                       "label_issue_folds", "label_issue_epochs"}
+                       "label_issue_folds", "label_issue_epochs", "tune", "tune_trials"}
 
 
 @contextlib.contextmanager

@@ -13,6 +13,10 @@ from classifier import artifacts, augmentation, distributed, hardware, images, i
 from classifier.cli import Range, UserError, check_ranges
 
 CONFIG_FILE = "config.json"
+TUNE_VAL_SIZE = 0.15  # the validation part --tune splits off when none is given
+# The settings --tune searches, and the flags that fix each when given.
+SEARCHED = {"lr", "label_smoothing", "image_size", "model", "weights", "augment",
+            "fine_tune_lr", *augmentation.BLOG}
 # --recipe fast: the defaults it brings, chosen by measurement on a validation folder; its
 # augmentation is augmentation.RECIPES["fast"].
 RECIPES = {"fast": {"epochs": 25, "schedule": "onecycle", "optimizer": "adamw", "lr": 0.003,
@@ -38,6 +42,7 @@ RANGES = {
     "head_epochs": COUNT, "fine_tune_lr": Range(0, low_open=True),
     "label_issue_folds": Range(2, why="cross-validation needs two folds at least"),
     "label_issue_epochs": AT_LEAST_ONE,
+    "tune": Range(0, low_open=True), "tune_trials": COUNT,
 }
 
 
@@ -50,8 +55,8 @@ def build_parser():
                         help="JSON or YAML file whose keys are flags (epochs, batch_size, ...); "
                              "flags given on the command line win")
     for add_group in (_data_flags, _data_check_flags, _labelling_flags, _model_flags, _fine_tuning_flags,
-                      _augmentation_flags, _schedule_flags, _checkpoint_flags, _cluster_flags,
-                      _output_flags):
+                      _augmentation_flags, _schedule_flags, _search_flags, _checkpoint_flags,
+                      _cluster_flags, _output_flags):
         add_group(parser)
     return parser
 
@@ -172,12 +177,17 @@ def _augmentation_flags(parser):
     group.add_argument("--mix", choices=("none", "mixup", "cutmix"), default="none",
                        help="blend pairs of training images and their labels with Keras's "
                             "MixUp or CutMix layer, after the augmentation")
-    group.add_argument("--rotation-range", type=float, default=45, help="degrees")
-    group.add_argument("--width-shift-range", type=float, default=0.1, help="fraction of width")
-    group.add_argument("--height-shift-range", type=float, default=0.1,
+    blog = augmentation.BLOG
+    group.add_argument("--rotation-range", type=float, default=blog["rotation_range"],
+                       help="degrees")
+    group.add_argument("--width-shift-range", type=float, default=blog["width_shift_range"],
+                       help="fraction of width")
+    group.add_argument("--height-shift-range", type=float, default=blog["height_shift_range"],
                        help="fraction of height")
-    group.add_argument("--shear-range", type=float, default=0.2, help="shear angle, degrees")
-    group.add_argument("--zoom-range", type=float, default=0.2, help="zoom in or out by up to")
+    group.add_argument("--shear-range", type=float, default=blog["shear_range"],
+                       help="shear angle, degrees")
+    group.add_argument("--zoom-range", type=float, default=blog["zoom_range"],
+                       help="zoom in or out by up to")
     group.add_argument("--horizontal-flip", action=argparse.BooleanOptionalAction, default=True,
                        help="mirror images at random")
 
@@ -221,6 +231,22 @@ def _schedule_flags(parser):
     group.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
                        help="stop after PATIENCE epochs without a better val_loss and keep the "
                             "best epoch's weights (0: off, as in the blog)")
+
+
+def _search_flags(parser):
+    group = parser.add_argument_group(
+        "search (--tune: the settings chosen on the validation part, then the final run)")
+    group.add_argument("--tune", type=float, default=None, metavar="MINUTES",
+                       help="first search, for this many minutes, the learning rate, "
+                            "augmentation strength, label smoothing, image size and network "
+                            "(with ImageNet weights where at hand) that score best on the "
+                            "validation part (--val-dir, or --val-size, "
+                            f"{TUNE_VAL_SIZE} when neither is given), each trial trained for "
+                            "--epochs, poor ones stopped early; flags given explicitly stay "
+                            "fixed; then train the final model with the chosen settings")
+    group.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                       help="stop the search after N trials, within --tune's minutes (0: as "
+                            "many as fit)")
 
 
 def _checkpoint_flags(parser):
@@ -277,6 +303,10 @@ def parse_args(argv):
     if args.init_from:
         args.model = network_to_init_from(args, explicit="--model" in flags or any(
             flag.startswith("--model=") for flag in flags))
+    if args.tune:
+        args.tune_fixed = sorted(explicit_settings(flags) & SEARCHED)
+        if not args.val_dir and not args.val_size:
+            args.val_size = TUNE_VAL_SIZE
     check(args)
     if args.weights is None:
         args.weights = "none" if args.init_from else networks.get(args.model).default_weights
@@ -289,6 +319,15 @@ def parse_args(argv):
     if args.labels_csv:
         args.multi_label = True
     return args
+
+
+def explicit_settings(flags):
+    """The names of the settings that flags (the command line's, and its config file's) give
+    explicitly, not by a default or a recipe."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(flags)))
 
 
 def network_to_init_from(args, explicit):
@@ -326,6 +365,15 @@ def check(args):
     if args.find_label_issues and (args.worker_addresses or os.environ.get("TF_CONFIG")):
         raise UserError("--find-label-issues runs on one machine: drop the multi-worker "
                         "settings")
+    if args.tune:
+        for flag, given in (("--lr-find", args.lr_find), ("--check-only", args.check_only),
+                            ("--init-from", args.init_from)):
+            if given:
+                raise UserError(f"--tune trains models of its own: drop {flag}")
+        if args.worker_addresses or os.environ.get("TF_CONFIG"):
+            raise UserError("--tune runs on one machine: drop the multi-worker settings")
+    elif args.tune_trials:
+        raise UserError("--tune-trials counts the trials of --tune: add --tune MINUTES")
     if args.check_only and args.lr_find:
         raise UserError("--check-only trains nothing: drop --lr-find")
     if args.lr_find and (args.worker_addresses or os.environ.get("TF_CONFIG")):

@@ -1,0 +1,329 @@
+"""--tune MINUTES: a search, by Optuna, over the settings that matter most for a small folder
+(learning rate, augmentation strength, label smoothing, image size, network), scored on the
+validation part only, within a wall-time budget; successive halving stops poor trials early.
+
+The search lives in <output>/tuning/search.journal (Optuna's journal storage, appended trial
+by trial), so a search killed and started again continues where it stopped; the run's own
+lock keeps two searches out of one folder. Its first trial is the recipe's own settings, so
+the choice is never worse on the validation part than not searching.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+import optuna
+
+from classifier import augmentation, networks
+from classifier.cli import UserError
+
+log = logging.getLogger("tuning")
+
+FOLDER = "tuning"
+JOURNAL = "search.journal"
+LR_FACTORS = (1 / 10, 3)  # the learning rates searched, around the recipe's --lr
+LABEL_SMOOTHING = (0.0, 0.2)
+SIZE_FACTORS = (0.5, 0.75, 1, 1.5)  # of --image-size
+REDUCTION = 3  # successive halving keeps the best third of the trials at each rung
+RANDOM_TRIALS = 5  # before Optuna's TPE sampler models what it has seen
+GIVEN = "as given"  # an augmentation the user's own flags set
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """What a trial may choose: a (low, high) range for lr and label_smoothing, a tuple of
+    choices for the others; a setting the user gave stays fixed (a range of one value, or a
+    single choice)."""
+    lr: tuple
+    label_smoothing: tuple
+    augmentation: tuple
+    image_size: tuple
+    network: tuple
+
+    def suggest(self, trial):
+        """One trial's settings, drawn by Optuna."""
+        def number(name, bounds, log_scale=False):
+            if len(bounds) == 1:
+                return bounds[0]
+            return trial.suggest_float(name, *bounds, log=log_scale)
+
+        def choice(name, choices):
+            return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices)
+
+        return {"network": choice("network", self.network),
+                "image_size": choice("image_size", self.image_size),
+                "lr": number("lr", self.lr, log_scale=True),
+                "augmentation": choice("augmentation", self.augmentation),
+                "label_smoothing": number("label_smoothing", self.label_smoothing)}
+
+    def searched(self):
+        return {name: values for name, values in dataclasses.asdict(self).items()
+                if len(values) > 1}
+
+
+def space(args, fixed, pretrained_networks, stream):
+    """The Space around args (the recipe's settings); fixed, the names of the settings given
+    explicitly; pretrained_networks, the keras.applications networks whose ImageNet weights
+    are at hand; stream: the images are read from the cache batch by batch, so only
+    --image-size's are at hand."""
+    network_fixed = fixed & {"model", "weights"}
+    networks_ = ((args.model,) if network_fixed
+                 else (networks.DEFAULT, *(name for name in pretrained_networks
+                                           if name != networks.DEFAULT)))
+    smallest = max(networks.get(name).min_size for name in networks_)
+    sizes = (args.image_size,) if "image_size" in fixed or stream else tuple(sorted({
+        size for size in (int(round(args.image_size * factor / 8)) * 8
+                          for factor in SIZE_FACTORS) if size >= smallest} | {args.image_size}))
+    return Space(
+        lr=(args.lr,) if "lr" in fixed else (args.lr * LR_FACTORS[0], args.lr * LR_FACTORS[1]),
+        label_smoothing=((args.label_smoothing,) if "label_smoothing" in fixed
+                         else LABEL_SMOOTHING),
+        augmentation=((GIVEN,) if fixed & {*augmentation.BLOG, "augment"}
+                      else tuple(augmentation.STRENGTHS)),
+        image_size=sizes, network=networks_)
+
+
+def baseline(args, space_):
+    """The trial of the recipe's own settings: what a run without --tune would train."""
+    strength = next((name for name, values in augmentation.STRENGTHS.items()
+                     if all(getattr(args, key) == value for key, value in values.items())),
+                    space_.augmentation[0])
+    return {"network": args.model, "image_size": args.image_size, "lr": args.lr,
+            "augmentation": strength if strength in space_.augmentation else GIVEN,
+            "label_smoothing": args.label_smoothing}
+
+
+def settings_of(args, settings, fixed):
+    """The flag values (argparse names) that settings stand for, over args."""
+    values = {"model": settings["network"], "image_size": settings["image_size"],
+              "lr": settings["lr"], "label_smoothing": settings["label_smoothing"]}
+    if not fixed & {"model", "weights"}:
+        values["weights"] = networks.get(settings["network"]).default_weights
+    if settings["augmentation"] != GIVEN:
+        values.update(augmentation.STRENGTHS[settings["augmentation"]])
+    if "fine_tune_lr" not in fixed:
+        values["fine_tune_lr"] = settings["lr"] / 10
+    return values
+
+
+def pretrained_at_hand(candidates):
+    """The networks among candidates whose ImageNet weights are in Keras's cache or can be
+    downloaded into it now; the others are left out of the search, each said in one line."""
+    found = []
+    for name in candidates:
+        try:
+            networks.resolve_weights(name, "imagenet")
+            found.append(name)
+        except UserError as error:
+            log.info("--tune leaves %s out: %s", name, error)
+    return found
+
+
+def check_budget(minutes, seconds_per_trial, epochs, flag="--tune"):
+    """Refuse a budget that cannot hold one trial (the recipe's own settings, for --epochs
+    epochs), seconds_per_trial being its time at the least."""
+    if minutes * 60 < seconds_per_trial:
+        needed = math.ceil(seconds_per_trial / 60)
+        raise UserError(f"{flag} {minutes:g}: one trial of {epochs} epochs takes about "
+                        f"{needed} min here: give {flag} {max(needed * 3, needed + 1)} or "
+                        "more (three trials at the least), or fewer --epochs")
+
+
+def seconds_per_step(model, image_size, batch_size, classes, steps=3):
+    """The median seconds of one training step of model on random images, after the first
+    (which traces): the least a trial's steps will take."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch_size, image_size, image_size, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, classes, batch_size), classes)
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    model.train_on_batch(x, y)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+class Trial(keras.callbacks.Callback):
+    """Reports each epoch's validation score to Optuna, and stops training when successive
+    halving prunes the trial or the budget's deadline passes."""
+
+    def __init__(self, trial, monitor, deadline, on_epoch):
+        super().__init__()
+        self.trial, self.monitor, self.deadline, self.on_epoch = trial, monitor, deadline, on_epoch
+        self.scores, self.stopped = [], None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.monotonic() > self.deadline:
+            self.stopped = "out of time"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stopped:  # the epoch was cut short: its score is not comparable
+            return
+        score = float(logs[self.monitor])
+        self.scores.append(score)
+        self.trial.report(score, epoch + 1)
+        self.on_epoch()
+        if self.trial.should_prune():
+            self.stopped = "pruned"
+            self.model.stop_training = True
+
+
+@dataclasses.dataclass
+class Search:
+    """A search's outcome: every trial (tuning_report writes them), the chosen one's
+    settings, and what was searched."""
+    trials: list  # dicts: number, state, settings, score, epochs, seconds, finished
+    chosen: dict  # the trial chosen
+    space: Space
+    budget_minutes: float
+    seconds: float
+    monitor: str
+
+    def config(self):
+        """What config.json records of the search."""
+        return {"budget_minutes": self.budget_minutes, "seconds": round(self.seconds, 1),
+                "score": self.monitor, "searched": self.space.searched(),
+                "trials": len(self.trials),
+                "complete": sum(trial["state"] == "complete" for trial in self.trials),
+                "chosen": {key: self.chosen[key] for key in ("number", "settings", "score")},
+                "baseline_score": self.trials[0]["score"] if self.trials else None}
+
+
+def fingerprint(values):
+    """A short digest of what makes a search the same search (settings, space, images)."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def open_study(folder, fresh, seed, epochs, print_):
+    """The Optuna study of <folder>/search.journal, created or reloaded; fresh deletes an
+    earlier one. print_, the search's fingerprint: a different search refuses to continue
+    another's trials."""
+    if fresh and os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(os.path.join(folder, JOURNAL)))
+    study = optuna.create_study(
+        study_name="search", storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=RANDOM_TRIALS),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, round(epochs / 12)), reduction_factor=REDUCTION))
+    known = study.user_attrs.get("fingerprint")
+    if known is None:
+        study.set_user_attr("fingerprint", print_)
+    elif known != print_:
+        raise UserError(f"{folder} holds a search of other settings or images: run the same "
+                        "command as it did, or add --fresh to start over")
+    # A trial that a kill left running, or Ctrl-C / SIGTERM failed: it runs again, with the
+    # same settings.
+    requeued = study.user_attrs.get("requeued", [])
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        elif not (trial.state == optuna.trial.TrialState.FAIL
+                  and trial.user_attrs.get("interrupted")) or trial.number in requeued:
+            continue
+        study.enqueue_trial(trial.params)
+        requeued.append(trial.number)
+        log.info("trial %d was interrupted: it runs again", trial.number)
+    study.set_user_attr("requeued", requeued)
+    return study
+
+
+def search(train_trial, space_, first, folder, budget_minutes, max_trials, seed, epochs,
+           monitor, print_, fresh=False):
+    """Run the search: train_trial(settings, callback) trains one model with settings and
+    the Keras callback given (which reports and stops it) on the training part, scored by
+    monitor on the validation part. first: the settings of the first trial (baseline). Continues an
+    interrupted search of folder; a finished one is read back. Returns a Search."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial: ours
+    study = open_study(folder, fresh, seed, epochs, print_)
+    spent = study.user_attrs.get("seconds", 0.0)
+    started = time.monotonic() - spent
+    deadline = started + budget_minutes * 60
+    if "chosen" not in study.user_attrs:
+        if not study.trials:
+            study.enqueue_trial({key: value for key, value in first.items()
+                                 if key in space_.searched()})
+        done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                            optuna.trial.TrialState.PRUNED)))
+        if done:
+            log.info("continuing the search: %d trials done, %.1f of %g min spent", done,
+                     spent / 60, budget_minutes)
+
+        def objective(trial):
+            settings = space_.suggest(trial)  # an enqueued trial's: the enqueued ones
+            trial.set_user_attr("settings", settings)
+            trial_started = time.monotonic()
+
+            def save_time():
+                study.set_user_attr("seconds", time.monotonic() - started)
+
+            callback = Trial(trial, monitor, deadline, save_time)
+            try:
+                train_trial(settings, callback)
+            except KeyboardInterrupt:
+                trial.set_user_attr("interrupted", True)
+                save_time()
+                raise
+            seconds = time.monotonic() - trial_started
+            trial.set_user_attr("seconds", seconds)
+            trial.set_user_attr("finished", time.monotonic() - started)
+            save_time()
+            described = describe(settings)
+            if callback.stopped or not callback.scores:
+                trial.set_user_attr("stopped", callback.stopped or "out of time")
+                log.info("trial %d (%s): stopped after %d epochs (%s), %.0f s", trial.number,
+                         described, len(callback.scores), callback.stopped, seconds)
+                raise optuna.TrialPruned()
+            log.info("trial %d (%s): %s %.4f after %d epochs, %.0f s", trial.number,
+                     described, monitor, callback.scores[-1], len(callback.scores), seconds)
+            return callback.scores[-1]
+
+        remaining = deadline - time.monotonic()
+        trials_left = max_trials - done if max_trials else None
+        if remaining > 0 and (trials_left is None or trials_left > 0):
+            study.optimize(objective, n_trials=trials_left, timeout=remaining)
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if not complete:
+            raise UserError(f"--tune {budget_minutes:g}: no trial finished within the budget: "
+                            "give more minutes, or fewer --epochs")
+        study.set_user_attr("chosen", study.best_trial.number)
+    trials = [row(trial) for trial in study.trials if trial.state.is_finished()]
+    chosen = next(trial for trial in trials if trial["number"] == study.user_attrs["chosen"])
+    log.info("search: trial %d chosen of %d (%s), %s %.4f", chosen["number"], len(trials),
+             describe(chosen["settings"]), monitor, chosen["score"])
+    return Search(trials, chosen, space_, budget_minutes, study.user_attrs.get("seconds", 0.0),
+                  monitor)
+
+
+def row(trial):
+    """One finished trial, as tuning_report shows it."""
+    state = {optuna.trial.TrialState.COMPLETE: "complete",
+             optuna.trial.TrialState.PRUNED: trial.user_attrs.get("stopped", "pruned"),
+             optuna.trial.TrialState.FAIL: "interrupted"}[trial.state]
+    scores = trial.intermediate_values
+    return {"number": trial.number, "state": state, "settings": trial.user_attrs["settings"],
+            "score": (trial.value if trial.value is not None
+                      else scores[max(scores)] if scores else None),
+            "epochs": max(scores) if scores else 0,
+            "seconds": trial.user_attrs.get("seconds"),
+            "finished": trial.user_attrs.get("finished")}
+
+
+def describe(settings):
+    """vgg, 64 px, lr 0.0007, augmentation blog, label smoothing 0.00"""
+    return (f"{settings['network']}, {settings['image_size']} px, lr {settings['lr']:.2g}, "
+            f"augmentation {settings['augmentation']}, label smoothing "
+            f"{settings['label_smoothing']:.2f}")
