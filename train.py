@@ -143,49 +143,69 @@ def check_search_budget(args, strategy, policy, build_model):
 def search_settings(args, output, strategy, policy, classes, splits, data_mode, build_model,
                     class_weight):
     """2. Configure the model, --tune: search the settings on the validation part only
-    (tuning.py), each trial a new model trained for --epochs. Returns args with the chosen
-    settings, the splits at the chosen image size, and the search."""
+    (tuning.py), each trial a new model trained for --epochs as the final run would train.
+    Returns args with the chosen settings, the splits at the chosen image size, and the
+    search."""
     fixed = set(args.tune_fixed)
-    space = tuning.space(args, fixed, () if fixed & {"model", "weights"} else
-                         tuning.pretrained_at_hand(
-                             [name for name, network in networks.REGISTRY.items()
-                              if network.imagenet]), stream=data_mode == "stream")
-    resized = {}
+    base = tuning.Base(args.model, args.image_size, args.lr, args.label_smoothing,
+                       {key: getattr(args, key) for key in augmentation.BLOG})
+
+    def trains_here(name):
+        try:
+            networks.check_strategy(name, distributed.kind(strategy), pretrained=True)
+            return True
+        except cli.UserError:
+            return False
+
+    def make_space():
+        candidates = [] if fixed & {"model", "weights"} else [
+            name for name, network in networks.REGISTRY.items()
+            if network.imagenet and trains_here(name)]
+        return tuning.space(base, fixed, tuning.pretrained_at_hand(candidates),
+                            stream=data_mode == "stream")
+
+    resized = {}  # the parts at one other image size at a time: each is a copy in memory
 
     def part_at(name, size):
         if size == args.image_size:
             return getattr(splits, name)
-        if (name, size) not in resized:  # the same images, decoded at that size
+        if (name, size) not in resized:
+            for other in [key for key in resized if key[1] != size]:
+                del resized[other]
             resized[name, size] = dataset.at_size(getattr(splits, name), dataset.Decoding(
-                size, args.max_pixels, args.workers, None if args.no_cache else args.cache_dir),
-                f"tune-{name}")
+                size, args.max_pixels, args.workers, None if args.no_cache else args.cache_dir))
         return resized[name, size]
 
     def with_settings(settings):
-        return argparse.Namespace(**{**vars(args), **tuning.settings_of(args, settings, fixed)})
+        return argparse.Namespace(**{**vars(args), **tuning.settings_of(settings, fixed)})
 
     def train_trial(settings, callback):
         trial_args = with_settings(settings)
+        # Each model built adds to Keras's global state, which slows the next ones down.
+        keras.backend.clear_session()
         keras.utils.set_random_seed(args.seed)
         weights = networks.resolve_weights(trial_args.model, trial_args.weights)
         model, new_head = configure_model(trial_args, classes, strategy, policy, weights,
                                           build_model)
+        # The final run's own schedule: its plateau steps and early stopping.
+        schedule = ([keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=args.lr_factor, patience=args.lr_patience,
+            min_lr=args.min_lr)] if args.schedule == "plateau" else [])
         fit_quietly(trial_args, model, strategy, fine_tuning.plan(
             bool(weights), new_head, args.epochs, args.head_epochs, trial_args.lr,
             trial_args.fine_tune_lr), configure_augmentation(trial_args),
             part_at("train", settings["image_size"]),
-            part_at("validation", settings["image_size"]), [callback], class_weight)
+            part_at("validation", settings["image_size"]),
+            [*schedule, *callbacks.early_stopping(args.early_stopping), callback], class_weight)
 
     search = tuning.search(
-        train_trial, space, tuning.baseline(args, space), os.path.join(output, tuning.FOLDER),
-        args.tune, args.tune_trials, args.seed, args.epochs,
-        "val_binary_accuracy" if args.multi_label else "val_accuracy",
-        tuning.fingerprint([run_folder.resume_settings(args), dataclasses.asdict(space),
+        train_trial, make_space, lambda space: tuning.baseline(base, space),
+        os.path.join(output, tuning.FOLDER), args.tune, args.tune_trials, args.seed,
+        args.epochs, "val_binary_accuracy" if args.multi_label else "val_accuracy",
+        tuning.fingerprint([run_folder.resume_settings(args),
                             dataset.split_rows(splits, classes)]), fresh=args.fresh)
     tuning_report.save(search, output)
     chosen = with_settings(search.chosen["settings"])
-    if chosen.run_name.startswith(f"{args.model}-"):  # the default name: the chosen network's
-        chosen.run_name = chosen.model + chosen.run_name[len(args.model):]
     size = chosen.image_size  # the test part is read at it only now, after the search
     return chosen, dataset.Splits(part_at("train", size), part_at("validation", size),
                                   part_at("test", size), splits.has_validation), search
@@ -390,6 +410,7 @@ def run(args, extra_callbacks=(), build_model=networks.create, policy=None):
         if args.tune:
             args, splits, search = search_settings(args, output, strategy, policy, classes,
                                                    splits, data_mode, build_model, class_weight)
+            keras.backend.clear_session()
             augment = configure_augmentation(args)
             weights = networks.resolve_weights(args.model, args.weights)
             keras.utils.set_random_seed(args.seed)

@@ -8,6 +8,7 @@ or as image_cache.ImageRows read from the cache batch by batch.
 """
 
 import csv
+import hashlib
 import logging
 import os
 import random
@@ -310,17 +311,18 @@ def take(data, positions, in_memory):
     return part.load() if in_memory else part
 
 
-def at_size(part, decoding, name):
-    """part (a Split) with its images decoded at decoding.image_size instead, in memory, kept
-    in the cache under name (one per part, so that no folder's own cache entry is replaced).
-    """
+def at_size(part, decoding):
+    """part (a Split) with its images decoded at decoding.image_size instead, in memory,
+    through the cache under a name of their own: its files are those images, and no folder's
+    own entry is replaced."""
     if decoding.cache_dir is None:
         data, kept, _, _ = images.load_images(part.paths, decoding.image_size,
                                               decoding.max_pixels, workers=decoding.workers)
     else:
         data, kept, _, _ = image_cache.load_images(
             part.paths, decoding.image_size, decoding.cache_dir, decoding.max_pixels,
-            workers=decoding.workers, name=name)
+            workers=decoding.workers, name="part-" + hashlib.blake2b(
+                "\n".join(part.paths).encode("utf-8"), digest_size=8).hexdigest())
         data = data.load()
     if len(kept) != len(part.paths):
         raise UserError(f"{len(part.paths) - len(kept)} images could no longer be read: were "

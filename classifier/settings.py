@@ -282,7 +282,8 @@ def _output_flags(parser):
                        help="folder for the model, labels and reports")
     group.add_argument("--logs", default="logs", help="folder for TensorBoard runs")
     group.add_argument("--run-name", default=None,
-                       help="TensorBoard run name; none means <model>-<date>-<time>")
+                       help="TensorBoard run name; none means <model>-<date>-<time> "
+                            "(tune-<date>-<time> with --tune)")
     inference.add_tta_flag(group)  # for the test report
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -313,7 +314,8 @@ def parse_args(argv):
     if args.fine_tune_lr is None:
         args.fine_tune_lr = args.lr / 10
     if args.run_name is None:
-        args.run_name = time.strftime(f"{args.model}-%Y%m%d-%H%M%S")
+        # --tune: the network is not known yet.
+        args.run_name = time.strftime(f"{'tune' if args.tune else args.model}-%Y%m%d-%H%M%S")
     if args.cache_dir is None:
         args.cache_dir = os.path.join(args.output, "cache")
     if args.labels_csv:
@@ -325,6 +327,8 @@ def explicit_settings(flags):
     """The names of the settings that flags (the command line's, and its config file's) give
     explicitly, not by a default or a recipe."""
     parser = build_parser()
+    # argparse has no public way to tell a default from a value given: suppress every default
+    # (set_defaults cannot: it would type-convert the marker).
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(flags)))

@@ -20,6 +20,7 @@ import time
 import keras
 import numpy as np
 import optuna
+import tensorflow as tf
 
 from classifier import augmentation, networks
 from classifier.cli import UserError
@@ -68,40 +69,53 @@ class Space:
                 if len(values) > 1}
 
 
-def space(args, fixed, pretrained_networks, stream):
-    """The Space around args (the recipe's settings); fixed, the names of the settings given
-    explicitly; pretrained_networks, the keras.applications networks whose ImageNet weights
-    are at hand; stream: the images are read from the cache batch by batch, so only
-    --image-size's are at hand."""
-    network_fixed = fixed & {"model", "weights"}
-    networks_ = ((args.model,) if network_fixed
-                 else (networks.DEFAULT, *(name for name in pretrained_networks
-                                           if name != networks.DEFAULT)))
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """The recipe's own values of the searched settings (after its flags): where the search
+    centres, and its first trial."""
+    model: str
+    image_size: int
+    lr: float
+    label_smoothing: float
+    augmentation: dict  # the values of augmentation.BLOG's keys
+
+
+def space(base, fixed, pretrained_networks, stream):
+    """The Space around base; fixed, the names of the settings given explicitly;
+    pretrained_networks, the keras.applications networks whose ImageNet weights are at hand;
+    stream: the images are read from the cache batch by batch, so only base's size is at
+    hand."""
+    if fixed & {"model", "weights"}:
+        networks_ = (base.model,)
+    else:
+        networks_ = (networks.DEFAULT, *(name for name in pretrained_networks if name !=
+                                         networks.DEFAULT and networks.get(name).min_size
+                                         <= base.image_size))
     smallest = max(networks.get(name).min_size for name in networks_)
-    sizes = (args.image_size,) if "image_size" in fixed or stream else tuple(sorted({
-        size for size in (int(round(args.image_size * factor / 8)) * 8
-                          for factor in SIZE_FACTORS) if size >= smallest} | {args.image_size}))
+    sizes = (base.image_size,) if "image_size" in fixed or stream else tuple(sorted({
+        size for size in (int(round(base.image_size * factor / 8)) * 8
+                          for factor in SIZE_FACTORS) if size >= smallest} | {base.image_size}))
     return Space(
-        lr=(args.lr,) if "lr" in fixed else (args.lr * LR_FACTORS[0], args.lr * LR_FACTORS[1]),
-        label_smoothing=((args.label_smoothing,) if "label_smoothing" in fixed
+        lr=(base.lr,) if "lr" in fixed else (base.lr * LR_FACTORS[0], base.lr * LR_FACTORS[1]),
+        label_smoothing=((base.label_smoothing,) if "label_smoothing" in fixed
                          else LABEL_SMOOTHING),
         augmentation=((GIVEN,) if fixed & {*augmentation.BLOG, "augment"}
                       else tuple(augmentation.STRENGTHS)),
         image_size=sizes, network=networks_)
 
 
-def baseline(args, space_):
+def baseline(base, space_):
     """The trial of the recipe's own settings: what a run without --tune would train."""
     strength = next((name for name, values in augmentation.STRENGTHS.items()
-                     if all(getattr(args, key) == value for key, value in values.items())),
-                    space_.augmentation[0])
-    return {"network": args.model, "image_size": args.image_size, "lr": args.lr,
+                     if values == base.augmentation), GIVEN)
+    return {"network": base.model, "image_size": base.image_size, "lr": base.lr,
             "augmentation": strength if strength in space_.augmentation else GIVEN,
-            "label_smoothing": args.label_smoothing}
+            "label_smoothing": base.label_smoothing}
 
 
-def settings_of(args, settings, fixed):
-    """The flag values (argparse names) that settings stand for, over args."""
+def settings_of(settings, fixed):
+    """The flag values (argparse names) that a trial's settings stand for; fixed, the names
+    of the settings given explicitly."""
     values = {"model": settings["network"], "image_size": settings["image_size"],
               "lr": settings["lr"], "label_smoothing": settings["label_smoothing"]}
     if not fixed & {"model", "weights"}:
@@ -126,13 +140,13 @@ def pretrained_at_hand(candidates):
     return found
 
 
-def check_budget(minutes, seconds_per_trial, epochs, flag="--tune"):
+def check_budget(minutes, seconds_per_trial, epochs):
     """Refuse a budget that cannot hold one trial (the recipe's own settings, for --epochs
     epochs), seconds_per_trial being its time at the least."""
     if minutes * 60 < seconds_per_trial:
         needed = math.ceil(seconds_per_trial / 60)
-        raise UserError(f"{flag} {minutes:g}: one trial of {epochs} epochs takes about "
-                        f"{needed} min here: give {flag} {max(needed * 3, needed + 1)} or "
+        raise UserError(f"--tune {minutes:g}: one trial of {epochs} epochs takes about "
+                        f"{needed} min here: give --tune {max(needed * 3, needed + 1)} or "
                         "more (three trials at the least), or fewer --epochs")
 
 
@@ -180,27 +194,34 @@ class Trial(keras.callbacks.Callback):
 
 @dataclasses.dataclass
 class Search:
-    """A search's outcome: every trial (tuning_report writes them), the chosen one's
-    settings, and what was searched."""
-    trials: list  # dicts: number, state, settings, score, epochs, seconds, finished
-    chosen: dict  # the trial chosen
+    """A search's outcome: every trial (tuning_report writes them), the chosen one, the one
+    of the recipe's own settings, and what was searched."""
+    trials: list  # dicts: number, state, settings, score, epochs, seconds, finished, baseline
+    chosen: dict
     space: Space
     budget_minutes: float
     seconds: float
     monitor: str
 
+    @property
+    def baseline(self):
+        """The trial of the recipe's own settings that ran (None before it did)."""
+        return next((trial for trial in self.trials
+                     if trial["baseline"] and trial["state"] != "interrupted"), None)
+
     def config(self):
         """What config.json records of the search."""
+        baseline_ = self.baseline
         return {"budget_minutes": self.budget_minutes, "seconds": round(self.seconds, 1),
                 "score": self.monitor, "searched": self.space.searched(),
                 "trials": len(self.trials),
                 "complete": sum(trial["state"] == "complete" for trial in self.trials),
                 "chosen": {key: self.chosen[key] for key in ("number", "settings", "score")},
-                "baseline_score": self.trials[0]["score"] if self.trials else None}
+                "baseline_score": baseline_ and baseline_["score"]}
 
 
 def fingerprint(values):
-    """A short digest of what makes a search the same search (settings, space, images)."""
+    """A short digest of what makes a search the same search (settings and images)."""
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
@@ -216,46 +237,66 @@ def open_study(folder, fresh, seed, epochs, print_):
         optuna.storages.journal.JournalFileBackend(os.path.join(folder, JOURNAL)))
     study = optuna.create_study(
         study_name="search", storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=RANDOM_TRIALS),
         pruner=optuna.pruners.SuccessiveHalvingPruner(
             min_resource=max(1, round(epochs / 12)), reduction_factor=REDUCTION))
+    # Seeded by the trials so far: a resumed search must not draw its first trials again.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
+                                               n_startup_trials=RANDOM_TRIALS)
     known = study.user_attrs.get("fingerprint")
     if known is None:
         study.set_user_attr("fingerprint", print_)
     elif known != print_:
         raise UserError(f"{folder} holds a search of other settings or images: run the same "
                         "command as it did, or add --fresh to start over")
-    # A trial that a kill left running, or Ctrl-C / SIGTERM failed: it runs again, with the
-    # same settings.
-    requeued = study.user_attrs.get("requeued", [])
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == optuna.trial.TrialState.RUNNING:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        elif not (trial.state == optuna.trial.TrialState.FAIL
-                  and trial.user_attrs.get("interrupted")) or trial.number in requeued:
-            continue
-        study.enqueue_trial(trial.params)
-        requeued.append(trial.number)
-        log.info("trial %d was interrupted: it runs again", trial.number)
-    study.set_user_attr("requeued", requeued)
+    requeue_interrupted(study)
     return study
 
 
-def search(train_trial, space_, first, folder, budget_minutes, max_trials, seed, epochs,
+def requeue_interrupted(study):
+    """A trial that a kill left running, or that Ctrl-C / SIGTERM failed, runs again with
+    the same settings (next, before any new one)."""
+    requeued = study.user_attrs.get("requeued", [])
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        elif not (trial.state == optuna.trial.TrialState.FAIL
+                  and trial.user_attrs.get("interrupted")) or trial.number in requeued:
+            continue
+        requeued.append(trial.number)
+        if "settings" not in trial.user_attrs:  # killed before it drew them: nothing lost
+            continue
+        study.enqueue_trial(trial.params,
+                            user_attrs={"baseline": trial.user_attrs.get("baseline", False)})
+        log.info("trial %d was interrupted: it runs again", trial.number)
+    study.set_user_attr("requeued", requeued)
+
+
+def search(train_trial, make_space, first, folder, budget_minutes, max_trials, seed, epochs,
            monitor, print_, fresh=False):
     """Run the search: train_trial(settings, callback) trains one model with settings and
     the Keras callback given (which reports and stops it) on the training part, scored by
-    monitor on the validation part. first: the settings of the first trial (baseline). Continues an
-    interrupted search of folder; a finished one is read back. Returns a Search."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial: ours
+    monitor on the validation part. make_space() gives the Space of a new search (a resumed
+    one keeps its own); first(space) the settings of its first trial, the recipe's own.
+    Continues an interrupted search of folder; a finished one is read back. Returns a
+    Search."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial: ours
     study = open_study(folder, fresh, seed, epochs, print_)
+    if "space" in study.user_attrs:
+        space_ = Space(**{name: tuple(values)
+                          for name, values in study.user_attrs["space"].items()})
+    else:
+        space_ = make_space()
+        study.set_user_attr("space", dataclasses.asdict(space_))
     spent = study.user_attrs.get("seconds", 0.0)
     started = time.monotonic() - spent
     deadline = started + budget_minutes * 60
-    if "chosen" not in study.user_attrs:
+    if "chosen" in study.user_attrs:
+        log.info("the search in %s has chosen already: its choice is taken (--fresh searches "
+                 "again)", folder)
+    else:
         if not study.trials:
-            study.enqueue_trial({key: value for key, value in first.items()
-                                 if key in space_.searched()})
+            study.enqueue_trial({key: value for key, value in first(space_).items()
+                                 if key in space_.searched()}, user_attrs={"baseline": True})
         done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,
                                             optuna.trial.TrialState.PRUNED)))
         if done:
@@ -266,6 +307,8 @@ def search(train_trial, space_, first, folder, budget_minutes, max_trials, seed,
             settings = space_.suggest(trial)  # an enqueued trial's: the enqueued ones
             trial.set_user_attr("settings", settings)
             trial_started = time.monotonic()
+            log.info("starting trial %d: %s (%.1f of %g min left)", trial.number,
+                     describe(settings), (deadline - trial_started) / 60, budget_minutes)
 
             def save_time():
                 study.set_user_attr("seconds", time.monotonic() - started)
@@ -277,6 +320,8 @@ def search(train_trial, space_, first, folder, budget_minutes, max_trials, seed,
                 trial.set_user_attr("interrupted", True)
                 save_time()
                 raise
+            except tf.errors.ResourceExhaustedError:
+                callback.stopped = "out of memory"
             seconds = time.monotonic() - trial_started
             trial.set_user_attr("seconds", seconds)
             trial.set_user_attr("finished", time.monotonic() - started)
@@ -300,7 +345,9 @@ def search(train_trial, space_, first, folder, budget_minutes, max_trials, seed,
             raise UserError(f"--tune {budget_minutes:g}: no trial finished within the budget: "
                             "give more minutes, or fewer --epochs")
         study.set_user_attr("chosen", study.best_trial.number)
-    trials = [row(trial) for trial in study.trials if trial.state.is_finished()]
+    requeued = set(study.user_attrs.get("requeued", []))
+    trials = [row(trial, trial.number in requeued) for trial in study.trials
+              if trial.state.is_finished() and "settings" in trial.user_attrs]
     chosen = next(trial for trial in trials if trial["number"] == study.user_attrs["chosen"])
     log.info("search: trial %d chosen of %d (%s), %s %.4f", chosen["number"], len(trials),
              describe(chosen["settings"]), monitor, chosen["score"])
@@ -308,18 +355,21 @@ def search(train_trial, space_, first, folder, budget_minutes, max_trials, seed,
                   monitor)
 
 
-def row(trial):
-    """One finished trial, as tuning_report shows it."""
+def row(trial, interrupted):
+    """One finished trial, as tuning_report shows it; interrupted: a kill cut it short, and
+    it ran again."""
     state = {optuna.trial.TrialState.COMPLETE: "complete",
              optuna.trial.TrialState.PRUNED: trial.user_attrs.get("stopped", "pruned"),
-             optuna.trial.TrialState.FAIL: "interrupted"}[trial.state]
+             optuna.trial.TrialState.FAIL: "interrupted" if interrupted else "failed"}[
+        trial.state]
     scores = trial.intermediate_values
     return {"number": trial.number, "state": state, "settings": trial.user_attrs["settings"],
             "score": (trial.value if trial.value is not None
                       else scores[max(scores)] if scores else None),
             "epochs": max(scores) if scores else 0,
             "seconds": trial.user_attrs.get("seconds"),
-            "finished": trial.user_attrs.get("finished")}
+            "finished": trial.user_attrs.get("finished"),
+            "baseline": trial.user_attrs.get("baseline", False)}
 
 
 def describe(settings):

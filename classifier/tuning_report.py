@@ -64,8 +64,8 @@ def save_plot(search, path):
     if steps[0]:
         axes.step([*steps[0], search.seconds / 60], [*steps[1], steps[1][-1]], where="post",
                   color="tab:blue", alpha=0.5, label="best so far")
-    first = search.trials[0]
-    if first["finished"] is not None and first["score"] is not None:
+    first = search.baseline
+    if first and first["finished"] is not None and first["score"] is not None:
         axes.scatter([first["finished"] / 60], [first["score"]], marker="s", s=70,
                      facecolors="none", edgecolors="black", zorder=3,
                      label="the recipe's own settings")
@@ -84,15 +84,17 @@ def save_plot(search, path):
 
 def lines(search):
     """What the search did and chose, in words."""
-    complete = sum(trial["state"] == "complete" for trial in search.trials)
-    chosen, first = search.chosen, search.trials[0]
-    said = [f"{len(search.trials)} trials in {search.seconds / 60:.1f} of {search.budget_minutes:g}"
-            f" minutes: {complete} ran all their epochs, {len(search.trials) - complete} were "
-            "stopped early (successive halving, or the budget). Each was scored on the "
-            "validation part only; the test part was not used.",
+    states = [trial["state"] for trial in search.trials]
+    complete, cut = states.count("complete"), states.count("interrupted") + states.count("failed")
+    chosen, first = search.chosen, search.baseline
+    said = [f"{len(states)} trials in {search.seconds / 60:.1f} of {search.budget_minutes:g}"
+            f" minutes: {complete} ran all their epochs, {len(states) - complete - cut} were "
+            "stopped early (successive halving, the budget, or memory)"
+            + (f", {cut} were interrupted or failed" if cut else "") + ". Each was scored on "
+            "the validation part only; the test part was not used.",
             f"Chosen: trial {chosen['number']} ({tuning.describe(chosen['settings'])}), "
             f"{search.monitor} {chosen['score']:.4f} on the validation part."]
-    if first["score"] is not None and first is not chosen:
+    if first and first["score"] is not None and first is not chosen:
         said.append(f"The recipe's own settings (trial {first['number']}: "
                     f"{tuning.describe(first['settings'])}) scored {first['score']:.4f}.")
     searched = search.space.searched()

@@ -1,6 +1,7 @@
 """--tune: the search over settings on the validation part, its files, and the final run."""
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,8 +15,8 @@ import pytest
 
 import predict
 import train
-from classifier import (augmentation, images, pipelines, run_folder, settings, tuning,
-                        tuning_report)
+from classifier import (augmentation, images, networks, pipelines, run_folder, settings,
+                        tuning, tuning_report)
 from classifier.cli import UserError
 from conftest import ROOT, TINY_FLAGS
 
@@ -56,10 +57,10 @@ def closeness_to_a_best_lr(settings_, epoch):
     return 1 - abs(np.log10(settings_["lr"] / 3e-3)) / 3 - 0.1 / (epoch + 1)
 
 
-def run_search(folder, train_trial, max_trials=12, **options):
-    return tuning.search(train_trial, SPACE, FIRST, str(folder), budget_minutes=10,
-                         max_trials=max_trials, seed=1, epochs=EPOCHS, monitor="val_accuracy",
-                         print_="the same search", **options)
+def run_search(folder, train_trial, max_trials=12, print_="the same search", **options):
+    return tuning.search(train_trial, lambda: SPACE, lambda space: FIRST, str(folder),
+                         budget_minutes=10, max_trials=max_trials, seed=1, epochs=EPOCHS,
+                         monitor="val_accuracy", print_=print_, **options)
 
 
 def test_the_search_runs_the_recipe_first_stops_poor_trials_and_picks_the_best(tmp_path):
@@ -75,33 +76,51 @@ def test_the_search_runs_the_recipe_first_stops_poor_trials_and_picks_the_best(t
     assert search.chosen["score"] == max(trial["score"] for trial in complete)
     assert search.chosen["state"] == "complete"
     assert search.config()["baseline_score"] == pytest.approx(closeness_to_a_best_lr(FIRST, 8))
+    assert search.baseline is search.trials[0]
     assert {settings_["image_size"] for settings_ in seen} == {32, 48}
 
 
 def test_an_interrupted_search_continues_where_it_stopped(tmp_path):
-    train_trial, seen = scripted_trial(closeness_to_a_best_lr, interrupt_at=4)
+    train_trial, seen = scripted_trial(closeness_to_a_best_lr, interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
         run_search(tmp_path, train_trial, max_trials=8)
-    assert len(seen) == 5
+    assert len(seen) == 3
     again, seen_again = scripted_trial(closeness_to_a_best_lr)
     search = run_search(tmp_path, again, max_trials=8)
-    assert seen_again[0] == seen[4], "the interrupted trial runs again first, as it was"
-    assert len(seen_again) == 4, "only the trials not done yet run"
+    assert seen_again[0] == seen[2], "the interrupted trial runs again first, as it was"
+    assert len(seen_again) == 6, "only the trials not done yet run"
     finished = [trial for trial in search.trials if trial["state"] != "interrupted"]
-    assert [trial["settings"] for trial in finished[:4]] == seen[:4]
+    assert [trial["settings"] for trial in finished[:2]] == seen[:2]
     assert len(finished) == 8
+    drawn = [json.dumps(trial["settings"], sort_keys=True) for trial in finished]
+    assert len(set(drawn)) == 8, "a resumed search does not draw the same settings again"
+    assert [trial["state"] for trial in search.trials].count("interrupted") == 1
     # A finished search is read back, not run again.
     third, seen_third = scripted_trial(closeness_to_a_best_lr)
     assert run_search(tmp_path, third, max_trials=20).chosen == search.chosen
     assert seen_third == []
 
 
+def test_a_trial_left_running_by_a_kill_runs_again_with_its_settings(tmp_path):
+    study = tuning.open_study(str(tmp_path), False, 1, EPOCHS, "the same search")
+    study.set_user_attr("space", dataclasses.asdict(SPACE))
+    study.enqueue_trial({key: FIRST[key] for key in SPACE.searched()},
+                        user_attrs={"baseline": True})
+    killed = study.ask()  # as a process killed in its first trial leaves it: running
+    killed.set_user_attr("settings", SPACE.suggest(killed))
+    train_trial, seen = scripted_trial(closeness_to_a_best_lr)
+    search = run_search(tmp_path, train_trial, max_trials=3)
+    assert seen[0] == FIRST
+    assert [trial["state"] for trial in search.trials][0] == "interrupted"
+    assert search.baseline["state"] == "complete" and search.baseline["settings"] == FIRST
+    assert len([trial for trial in search.trials if trial["state"] != "interrupted"]) == 3
+
+
 def test_another_search_in_the_same_folder_is_refused_and_fresh_starts_over(tmp_path):
     train_trial, _ = scripted_trial(closeness_to_a_best_lr)
     run_search(tmp_path, train_trial, max_trials=2)
     with pytest.raises(UserError, match="--fresh"):
-        tuning.search(train_trial, SPACE, FIRST, str(tmp_path), 10, 2, 1, EPOCHS,
-                      "val_accuracy", "another search")
+        run_search(tmp_path, train_trial, max_trials=2, print_="another search")
     again, seen = scripted_trial(closeness_to_a_best_lr)
     run_search(tmp_path, again, max_trials=3, fresh=True)
     assert len(seen) == 3 and seen[0] == FIRST
@@ -128,29 +147,39 @@ def test_without_tune_nothing_changes():
 def test_flags_given_stay_fixed_and_the_rest_is_searched_around_the_recipe():
     args = parse("--tune", "5", "--recipe", "fast", "--lr", "0.002", "--image-size", "64")
     assert args.val_size == settings.TUNE_VAL_SIZE, "a validation part to score on"
-    space = tuning.space(args, set(args.tune_fixed), ["mobilenet_v3_small"], stream=False)
+    space = tuning.space(base_of(args), set(args.tune_fixed), ["mobilenet_v3_small"],
+                         stream=False)
     assert space.lr == (0.002,) and space.image_size == (64,)
     assert space.network == ("vgg", "mobilenet_v3_small")
     assert space.label_smoothing == tuning.LABEL_SMOOTHING
     assert set(space.augmentation) == set(augmentation.STRENGTHS)
-    first = tuning.baseline(args, space)
+    first = tuning.baseline(base_of(args), space)
     assert first == {"network": "vgg", "image_size": 64, "lr": 0.002, "augmentation": "light",
                      "label_smoothing": 0.1}
     free = parse("--tune", "5", "--zoom-range", "0.3", "--model", "vgg16")
-    free_space = tuning.space(free, set(free.tune_fixed), ["mobilenet_v3_small"], stream=False)
+    free_space = tuning.space(base_of(free), set(free.tune_fixed), ["mobilenet_v3_small"],
+                              stream=False)
     assert free_space.augmentation == (tuning.GIVEN,) and free_space.network == ("vgg16",)
     assert min(free_space.image_size) >= 32 and 96 in free_space.image_size
-    chosen = tuning.settings_of(args, {"network": "mobilenet_v3_small", "image_size": 48,
-                                       "lr": 0.01, "augmentation": "none",
-                                       "label_smoothing": 0.05}, set(args.tune_fixed))
+    chosen = tuning.settings_of({"network": "mobilenet_v3_small", "image_size": 48,
+                                 "lr": 0.01, "augmentation": "none", "label_smoothing": 0.05},
+                                set(args.tune_fixed))
     assert chosen["weights"] == "imagenet" and chosen["fine_tune_lr"] == pytest.approx(0.001)
     assert chosen["rotation_range"] == chosen["zoom_range"] == 0
+    small = parse("--tune", "5", "--image-size", "24")
+    assert tuning.space(base_of(small), set(), ["mobilenet_v3_small"], False).network == \
+        ("vgg",), "a network that cannot take the size is left out"
+
+
+def base_of(args):
+    return tuning.Base(args.model, args.image_size, args.lr, args.label_smoothing,
+                       {key: getattr(args, key) for key in augmentation.BLOG})
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--tune", "5", "--lr-find"], "drop --lr-find"),
     (["--tune", "5", "--check-only"], "drop --check-only"),
-    (["--tune", "0"], "--tune"),
+    (["--tune", "0"], "--tune must be"),
     (["--tune-trials", "3"], "add --tune")])
 def test_tune_refuses_what_cannot_go_with_it(flags, message):
     with pytest.raises(UserError, match=message):
@@ -209,7 +238,7 @@ def test_a_search_then_the_final_run_leaves_a_normal_runs_files_and_never_reads_
     output = tmp_path / "Output"
     flags = ["--dataset", demo_dataset, "--output", str(output), "--logs",
              str(tmp_path / "logs"), "--batch-size", "8", "--epochs", "3", "--workers", "2",
-             "--tune", "10", "--tune-trials", "4"]
+             "--tune", "10", "--tune-trials", "4", "--model", "vgg"]
     assert train.main(flags) == 0
 
     with open(output / "split.csv", newline="") as handle:
@@ -219,13 +248,17 @@ def test_a_search_then_the_final_run_leaves_a_normal_runs_files_and_never_reads_
     assert set(parts) == {"train", "validation", "test"}
     config = json.load(open(output / "config.json"))
     sizes = {32, 48, 64, 96} | {config["image_size"]}
-    test_images = set()
-    for size in sizes:  # the test images as any size of the search would have them
-        test_images |= image_hashes(np.stack([images.load_image(path, size)
-                                              for path in parts["test"]]))
+    def at_every_size(part):  # as any trial, whatever its size, would see them
+        return set().union(*(image_hashes(np.stack([images.load_image(path, size)
+                                                    for path in parts[part]]))
+                             for size in sizes))
+
+    test_images, validation_images = at_every_size("test"), at_every_size("validation")
     during = [hashes for in_search, hashes in fed if in_search]
     assert during, "the search trained models"
     assert all(not (hashes & test_images) for hashes in during), "the search read test images"
+    assert sum(hashes <= validation_images for hashes in during) >= 4, \
+        "each trial's validation batches are recognised, whatever their size"
     assert any(hashes & test_images for in_search, hashes in fed if not in_search), \
         "the final evaluation reads the test part (the recording sees it)"
 
@@ -293,3 +326,29 @@ def test_a_killed_search_resumes_and_so_does_its_final_run(demo_dataset, tmp_pat
     assert "INFO tuning: trial " not in result.stderr, "the search is read back"
     assert "resuming the interrupted run" in result.stderr
     assert (tmp_path / "Output" / "vgg_model.keras").exists()
+
+
+@pytest.mark.slow
+def test_a_network_whose_imagenet_weights_are_at_hand_is_searched_with_them(
+        demo_dataset, tmp_path, monkeypatch):
+    from test_networks import backbone_file
+    name = "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+    backbone_file("mobilenet_v3_small", tmp_path / "keras" / "models" / name)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setattr(networks, "_reachable", lambda url: False)  # the others: not at hand
+    output = tmp_path / "Output"
+    # Everything else given: the search is over the network alone.
+    assert train.main(["--dataset", demo_dataset, "--output", str(output), "--logs",
+                       str(tmp_path / "logs"), *TINY_FLAGS, "--lr", "0.001",
+                       "--label-smoothing", "0", "--zoom-range", "0.1", "--head-epochs", "1",
+                       "--tune", "10", "--tune-trials", "3"]) == 0
+    with open(output / tuning_report.CSV, newline="") as handle:
+        trials = list(csv.DictReader(handle))
+    assert {trial["network"] for trial in trials} == {"vgg", "mobilenet_v3_small"}
+    chosen = next(trial["network"] for trial in trials if trial["chosen"] == "yes")
+    config = json.load(open(output / "config.json"))
+    assert config["tuning"]["searched"] == {"network": ["vgg", "mobilenet_v3_small"]}
+    assert config["model"] == chosen
+    assert config["weights"] == ("imagenet" if chosen != "vgg" else "none")
+    assert json.load(open(output / "labels.json"))["network"] == chosen
+    assert (output / f"{chosen}_model.keras").exists()
