@@ -44,7 +44,7 @@ def save_plot(search, path):
     """Each trial's validation score at the minute it ended: filled when it ran all its
     epochs, hollow when stopped early (at the score it had then), the recipe's own (the first)
     framed, the chosen one starred; the line is the best complete score so far."""
-    figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    figure, axes = plt.subplots(figsize=(10, 4.5), layout="constrained")
     timed = sorted((trial for trial in search.trials
                     if trial["finished"] is not None and trial["score"] is not None),
                    key=lambda trial: trial["finished"])
@@ -77,7 +77,7 @@ def save_plot(search, path):
     axes.set_xlabel("minutes into the search")
     axes.set_ylabel(f"validation score ({search.monitor})")
     axes.set_title(f"Search: {len(search.trials)} trials in {search.seconds / 60:.1f} min")
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside: no point hidden
     axes.grid(alpha=0.3)
     reports.save_figure(figure, path)
 
