@@ -358,7 +358,10 @@ def evaluate_and_save(args, output, model, classes, splits, summary, checked, se
         log.warning("%d of %d test images have a copy in training: the test accuracy counts "
                     "what the model has seen (report.html, Your data)", len(leaked),
                     len(splits.test.y))
-    reports.write_html(output, summary.facts(), scores, trust, data_report.section(
+    facts = summary.facts()
+    if search:
+        facts["search (--tune)"] = tuning_report.fact(search)
+    reports.write_html(output, facts, scores, trust, data_report.section(
         data_report.lines(checked.findings, checked.split_changed, leaked_accuracy),
         checked.label_issue_lines), search and tuning_report.section(search))
     print(text)

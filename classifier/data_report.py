@@ -84,7 +84,8 @@ def save_picture(findings, pictures, output):
                                fontsize=9)
     if not shown:
         grid[0, 0].text(0, 0.5, "No copies found.", fontsize=12)
-    figure.suptitle("Copies of one photo, a group per row (conflicting labels in red)",
+    # Two lines: a row of two pictures is narrower than the title on one.
+    figure.suptitle("Copies of one photo, a group per row\n(conflicting labels in red)",
                     fontsize=10)
     reports.save_figure(figure, os.path.join(output, PICTURE))
 

@@ -82,6 +82,13 @@ def save_plot(search, path):
     reports.save_figure(figure, path)
 
 
+def fact(search):
+    """The search in a few words, for the table at the top of report.html."""
+    return (f"trial {search.chosen['number']} of {len(search.trials)} chosen in "
+            f"{search.seconds / 60:.1f} min" + (" (the recipe's own settings)"
+                                                if search.chosen is search.baseline else ""))
+
+
 def lines(search):
     """What the search did and chose, in words."""
     states = [trial["state"] for trial in search.trials]
