@@ -72,6 +72,7 @@ def test_the_search_runs_the_recipe_first_stops_poor_trials_and_picks_the_best(t
     assert "pruned" in states and "complete" in states
     pruned = [trial for trial in search.trials if trial["state"] == "pruned"]
     assert all(trial["epochs"] < EPOCHS for trial in pruned)
+    assert all(trial["epochs"] >= 3 for trial in pruned), "no verdict before a quarter of them"
     complete = [trial for trial in search.trials if trial["state"] == "complete"]
     assert search.chosen["score"] == max(trial["score"] for trial in complete)
     assert search.chosen["state"] == "complete"
@@ -127,7 +128,8 @@ def test_another_search_in_the_same_folder_is_refused_and_fresh_starts_over(tmp_
 
 
 def test_a_trial_past_the_deadline_is_stopped():
-    callback = tuning.Trial(trial=None, monitor="val_accuracy", deadline=0, on_epoch=None)
+    callback = tuning.Trial(trial=None, monitor="val_accuracy", deadline=0, on_epoch=None,
+                            epochs=EPOCHS)
     model = FakeModel()
     callback.set_model(model)
     callback.on_train_batch_end(0)
