@@ -40,8 +40,7 @@ def load_data(args, output):
         {"train": args.dataset, "validation": args.val_dir, "test": args.test_dir},
         dataset.Labelling(args.multi_label, args.label_separator, args.labels_csv,
                           args.csv_label_separator),
-        dataset.Decoding(args.image_size, args.max_pixels, args.workers,
-                         None if args.no_cache else args.cache_dir), args.seed)
+        decoding(args, args.image_size), args.seed)
     if not args.lr_find:  # a range test leaves a run's files as they are
         dataset.save_skipped(skipped, output)
     findings = data_check.check(data_check.records_of(folders, args.multi_label),
@@ -66,6 +65,12 @@ def load_data(args, output):
     if not args.lr_find:
         data_report.save(findings, data_check.images_of(folders), output, split_changed)
     return binarizer, classes, splits, data_mode, Checked(findings, split_changed)
+
+
+def decoding(args, size):
+    """How images are decoded, at size x size (the run's --image-size, or a trial's)."""
+    return dataset.Decoding(size, args.max_pixels, args.workers,
+                            None if args.no_cache else args.cache_dir)
 
 
 @dataclasses.dataclass
@@ -172,8 +177,7 @@ def search_settings(args, output, strategy, policy, classes, splits, data_mode, 
         if (name, size) not in resized:
             for other in [key for key in resized if key[1] != size]:
                 del resized[other]
-            resized[name, size] = dataset.at_size(getattr(splits, name), dataset.Decoding(
-                size, args.max_pixels, args.workers, None if args.no_cache else args.cache_dir))
+            resized[name, size] = dataset.at_size(getattr(splits, name), decoding(args, size))
         return resized[name, size]
 
     def with_settings(settings):
@@ -188,9 +192,8 @@ def search_settings(args, output, strategy, policy, classes, splits, data_mode, 
         model, new_head = configure_model(trial_args, classes, strategy, policy, weights,
                                           build_model)
         # The final run's own schedule: its plateau steps and early stopping.
-        schedule = ([keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=args.lr_factor, patience=args.lr_patience,
-            min_lr=args.min_lr)] if args.schedule == "plateau" else [])
+        schedule = ([keras.callbacks.ReduceLROnPlateau(**plateau(args))]
+                    if args.schedule == "plateau" else [])
         fit_quietly(trial_args, model, strategy, fine_tuning.plan(
             bool(weights), new_head, args.epochs, args.head_epochs, trial_args.lr,
             trial_args.fine_tune_lr), configure_augmentation(trial_args),
@@ -252,6 +255,12 @@ def compile_model(args, model, strategy, lr, epochs, steps_per_epoch):
                       loss=loss, metrics=metrics)
 
 
+def plateau(args):
+    """ReduceLROnPlateau's settings (--schedule plateau), for the run and each trial alike."""
+    return {"monitor": "val_loss", "factor": args.lr_factor, "patience": args.lr_patience,
+            "min_lr": args.min_lr}
+
+
 def configure_callbacks(args, output, logs, run_name, phase, last_phase, append_history,
                         extra_callbacks):
     """2. Configure the model, its callbacks for one phase of training: the blog's, each
@@ -261,9 +270,8 @@ def configure_callbacks(args, output, logs, run_name, phase, last_phase, append_
     os.makedirs(backup, exist_ok=True)
     return [
         # First, so that the learning rate it sets is the one the loggers and the backup see.
-        callbacks.ReduceLROnPlateau(os.path.join(backup, "plateau.json"), monitor="val_loss",
-                                    factor=args.lr_factor, patience=args.lr_patience,
-                                    min_lr=args.min_lr, verbose=1)
+        callbacks.ReduceLROnPlateau(os.path.join(backup, "plateau.json"), **plateau(args),
+                                    verbose=1)
         if args.schedule == "plateau" else callbacks.LearningRateLog(),
         callbacks.TerminateOnNaN(),
         *(callbacks.early_stopping(args.early_stopping) if last_phase else []),

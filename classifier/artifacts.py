@@ -11,6 +11,7 @@ mode, which refuses to run the Python code a Lambda layer may carry.
 Everything a run or an export writes goes through atomic_path, files and folders alike.
 """
 
+import csv
 import io
 import json
 import os
@@ -89,6 +90,15 @@ def write_json(path, value):
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(value, handle, indent=2)
+
+
+def write_csv(path, header, rows):
+    """Write a header and rows as CSV to path, atomically."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
 
 
 def fit_binarizer(labels, multi_label=False):

@@ -3,7 +3,6 @@
 data_check.json (everything), duplicates.csv (a row per image in a group of copies) and
 data_check.png (the groups side by side, conflicting labels first)."""
 
-import csv
 import html
 import os
 
@@ -39,14 +38,11 @@ def save(findings, pictures, output, split_changed):
         **{name: [{"path": records[index].path, "size": records[index].size}
                   for index in getattr(findings, name)]
            for name in ("small_images", "extreme_aspect", "grayscale")}})
-    with artifacts.atomic_path(os.path.join(output, CSV)) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["group", "kind", "conflicting_labels", "part", "label", "path"])
-            for number, group in enumerate(groups):
-                for image in group["images"]:
-                    writer.writerow([number, group["kind"], group["conflicting_labels"],
-                                     image["part"], image["label"], image["path"]])
+    artifacts.write_csv(
+        os.path.join(output, CSV),
+        ["group", "kind", "conflicting_labels", "part", "label", "path"],
+        [[number, group["kind"], group["conflicting_labels"], image["part"], image["label"],
+          image["path"]] for number, group in enumerate(groups) for image in group["images"]])
     save_picture(findings, pictures, output)
 
 

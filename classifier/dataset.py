@@ -96,11 +96,7 @@ def load_folders(roots, labelling, decoding, seed):
 
 def save_skipped(skipped, output):
     """output/skipped_files.csv: each file that could not be used, and why."""
-    with artifacts.atomic_path(os.path.join(output, SKIPPED_FILE)) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(skipped)
+    artifacts.write_csv(os.path.join(output, SKIPPED_FILE), ["path", "reason"], skipped)
 
 
 def split_rows(splits, classes):
@@ -115,11 +111,7 @@ def split_rows(splits, classes):
 
 def save_split(rows, output):
     """output/split.csv from split_rows: anyone can check the split, and repeat it."""
-    with artifacts.atomic_path(os.path.join(output, SPLIT_FILE)) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "labels", "part"])
-            writer.writerows(rows)
+    artifacts.write_csv(os.path.join(output, SPLIT_FILE), ["path", "labels", "part"], rows)
 
 
 def check_same_split(rows, output):

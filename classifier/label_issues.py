@@ -17,7 +17,6 @@ Positions are rows of the training part: y, probabilities, pictures and paths ar
 indexed by them.
 """
 
-import csv
 import logging
 import os
 import textwrap
@@ -141,21 +140,19 @@ def _suggested(issue):
 
 def save(issues, paths, y, probabilities, classes, output, multi_label):
     """<output>/label_issues.csv: one row per issue, ranked from 1 (see above)."""
-    with artifacts.atomic_path(os.path.join(output, FILE)) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["rank", "path", "label", "suggested", "suggested_probability",
-                             "label_quality"])
-            for rank, issue in enumerate(issues, start=1):
-                given = np.flatnonzero(y[issue.position]) if multi_label else [
-                    int(np.argmax(y[issue.position]))]
-                suggested = _suggested(issue)
-                writer.writerow([
-                    rank, paths[issue.position], ";".join(classes[index] for index in given),
-                    ";".join(classes[index] for index in suggested),
-                    ";".join(f"{probabilities[issue.position, index]:.4f}"
-                             for index in suggested),
-                    f"{issue.label_quality:.4f}"])
+    def row(rank, issue):
+        given = np.flatnonzero(y[issue.position]) if multi_label else [
+            int(np.argmax(y[issue.position]))]
+        suggested = _suggested(issue)
+        return [rank, paths[issue.position], ";".join(classes[index] for index in given),
+                ";".join(classes[index] for index in suggested),
+                ";".join(f"{probabilities[issue.position, index]:.4f}" for index in suggested),
+                f"{issue.label_quality:.4f}"]
+
+    artifacts.write_csv(os.path.join(output, FILE),
+                        ["rank", "path", "label", "suggested", "suggested_probability",
+                         "label_quality"],
+                        [row(rank, issue) for rank, issue in enumerate(issues, start=1)])
 
 
 def short_name(path):

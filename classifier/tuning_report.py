@@ -1,7 +1,6 @@
 """What a --tune search leaves for the user: tuning.csv (every trial), tuning.png (score
 against time) and the "Search" section of report.html."""
 
-import csv
 import html
 import os
 
@@ -20,20 +19,18 @@ COLUMNS = ("trial", "state", "chosen", "network", "image_size", "lr", "augmentat
 
 def save(search, output):
     """output/tuning.csv and output/tuning.png."""
-    with artifacts.atomic_path(os.path.join(output, CSV)) as temporary:
-        with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(COLUMNS)
-            for trial in search.trials:
-                settings = trial["settings"]
-                writer.writerow([
-                    trial["number"], trial["state"],
-                    "yes" if trial is search.chosen else "", settings["network"],
-                    settings["image_size"], f"{settings['lr']:.6g}", settings["augmentation"],
-                    f"{settings['label_smoothing']:.4f}", trial["epochs"],
-                    "" if trial["score"] is None else f"{trial['score']:.4f}",
-                    _seconds(trial["seconds"]), _seconds(trial["finished"])])
+    artifacts.write_csv(os.path.join(output, CSV), COLUMNS,
+                        [_row(trial, trial is search.chosen) for trial in search.trials])
     save_plot(search, os.path.join(output, PLOT))
+
+
+def _row(trial, chosen):
+    settings = trial["settings"]
+    return [trial["number"], trial["state"], "yes" if chosen else "", settings["network"],
+            settings["image_size"], f"{settings['lr']:.6g}", settings["augmentation"],
+            f"{settings['label_smoothing']:.4f}", trial["epochs"],
+            "" if trial["score"] is None else f"{trial['score']:.4f}",
+            _seconds(trial["seconds"]), _seconds(trial["finished"])]
 
 
 def _seconds(value):
