@@ -286,15 +286,9 @@ def search(train_trial, make_space, first, folder, budget_minutes, max_trials, s
     Search."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial: ours
     study = open_study(folder, fresh, seed, epochs, print_)
-    if "space" in study.user_attrs:
-        space_ = Space(**{name: tuple(values)
-                          for name, values in study.user_attrs["space"].items()})
-    else:
-        space_ = make_space()
-        study.set_user_attr("space", dataclasses.asdict(space_))
+    space_ = stored_space(study, make_space)
     spent = study.user_attrs.get("seconds", 0.0)
     started = time.monotonic() - spent
-    deadline = started + budget_minutes * 60
     if "chosen" in study.user_attrs:
         log.info("the search in %s has chosen already: its choice is taken (--fresh searches "
                  "again)", folder)
@@ -307,46 +301,13 @@ def search(train_trial, make_space, first, folder, budget_minutes, max_trials, s
         if done:
             log.info("continuing the search: %d trials done, %.1f of %g min spent", done,
                      spent / 60, budget_minutes)
-
-        def objective(trial):
-            settings = space_.suggest(trial)  # an enqueued trial's: the enqueued ones
-            trial.set_user_attr("settings", settings)
-            trial_started = time.monotonic()
-            log.info("starting trial %d: %s (%.1f of %g min left)", trial.number,
-                     describe(settings), (deadline - trial_started) / 60, budget_minutes)
-
-            def save_time():
-                study.set_user_attr("seconds", time.monotonic() - started)
-
-            callback = Trial(trial, monitor, deadline, save_time, epochs)
-            try:
-                train_trial(settings, callback)
-            except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)
-                save_time()
-                raise
-            except tf.errors.ResourceExhaustedError:
-                callback.stopped = "out of memory"
-            seconds = time.monotonic() - trial_started
-            trial.set_user_attr("seconds", seconds)
-            trial.set_user_attr("finished", time.monotonic() - started)
-            save_time()
-            described = describe(settings)
-            if callback.stopped or not callback.scores:
-                trial.set_user_attr("stopped", callback.stopped or "out of time")
-                log.info("trial %d (%s): stopped after %d epochs (%s), %.0f s", trial.number,
-                         described, len(callback.scores), callback.stopped, seconds)
-                raise optuna.TrialPruned()
-            log.info("trial %d (%s): %s %.4f after %d epochs, %.0f s", trial.number,
-                     described, monitor, callback.scores[-1], len(callback.scores), seconds)
-            return callback.scores[-1]
-
-        remaining = deadline - time.monotonic()
+        objective = Objective(study, space_, train_trial, started, budget_minutes, epochs,
+                              monitor)
+        remaining = objective.deadline - time.monotonic()
         trials_left = max_trials - done if max_trials else None
         if remaining > 0 and (trials_left is None or trials_left > 0):
             study.optimize(objective, n_trials=trials_left, timeout=remaining)
-        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        if not complete:
+        if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
             raise UserError(f"--tune {budget_minutes:g}: no trial finished within the budget: "
                             "give more minutes, or fewer --epochs")
         study.set_user_attr("chosen", study.best_trial.number)
@@ -358,6 +319,67 @@ def search(train_trial, make_space, first, folder, budget_minutes, max_trials, s
              describe(chosen["settings"]), monitor, chosen["score"])
     return Search(trials, chosen, space_, budget_minutes, study.user_attrs.get("seconds", 0.0),
                   monitor)
+
+
+def stored_space(study, make_space):
+    """The study's Space: the one it was started with (an offline rerun is the same
+    search), or make_space()'s for a new one."""
+    if "space" in study.user_attrs:
+        return Space(**{name: tuple(values)
+                        for name, values in study.user_attrs["space"].items()})
+    space_ = make_space()
+    study.set_user_attr("space", dataclasses.asdict(space_))
+    return space_
+
+
+@dataclasses.dataclass
+class Objective:
+    """One trial for study.optimize: draw its settings, train them (train_trial, see
+    search), record its time in the journal; its score, or TrialPruned when halving, the
+    deadline or the memory stopped it."""
+    study: optuna.Study
+    space: Space
+    train_trial: object
+    started: float  # time.monotonic() when the search began, its earlier sessions counted
+    budget_minutes: float
+    epochs: int
+    monitor: str
+
+    @property
+    def deadline(self):
+        return self.started + self.budget_minutes * 60
+
+    def save_time(self):
+        self.study.set_user_attr("seconds", time.monotonic() - self.started)
+
+    def __call__(self, trial):
+        settings = self.space.suggest(trial)  # an enqueued trial's: the enqueued ones
+        trial.set_user_attr("settings", settings)
+        trial_started = time.monotonic()
+        described = describe(settings)
+        log.info("starting trial %d: %s (%.1f of %g min left)", trial.number, described,
+                 (self.deadline - trial_started) / 60, self.budget_minutes)
+        callback = Trial(trial, self.monitor, self.deadline, self.save_time, self.epochs)
+        try:
+            self.train_trial(settings, callback)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            self.save_time()
+            raise
+        except tf.errors.ResourceExhaustedError:
+            callback.stopped = "out of memory"
+        seconds = time.monotonic() - trial_started
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("finished", time.monotonic() - self.started)
+        self.save_time()
+        if callback.stopped or not callback.scores:
+            trial.set_user_attr("stopped", callback.stopped or "out of time")
+            log.info("trial %d (%s): stopped after %d epochs (%s), %.0f s", trial.number,
+                     described, len(callback.scores), callback.stopped, seconds)
+            raise optuna.TrialPruned()
+        log.info("trial %d (%s): %s %.4f after %d epochs, %.0f s", trial.number, described,
+                 self.monitor, callback.scores[-1], len(callback.scores), seconds)
+        return callback.scores[-1]
 
 
 def row(trial, interrupted):
