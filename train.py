@@ -155,30 +155,12 @@ def search_settings(args, output, strategy, policy, classes, splits, data_mode, 
     base = tuning.Base(args.model, args.image_size, args.lr, args.label_smoothing,
                        {key: getattr(args, key) for key in augmentation.BLOG})
 
-    def trains_here(name):
-        try:
-            networks.check_strategy(name, distributed.kind(strategy), pretrained=True)
-            return True
-        except cli.UserError:
-            return False
-
     def make_space():
-        candidates = [] if fixed & {"model", "weights"} else [
-            name for name, network in networks.REGISTRY.items()
-            if network.imagenet and trains_here(name)]
-        return tuning.space(base, fixed, tuning.pretrained_at_hand(candidates),
-                            stream=data_mode == "stream")
+        candidates = [] if fixed & {"model", "weights"} else tuning.pretrained_at_hand(
+            tuning.pretrained_networks(distributed.kind(strategy)))
+        return tuning.space(base, fixed, candidates, stream=data_mode == "stream")
 
-    resized = {}  # the parts at one other image size at a time: each is a copy in memory
-
-    def part_at(name, size):
-        if size == args.image_size:
-            return getattr(splits, name)
-        if (name, size) not in resized:
-            for other in [key for key in resized if key[1] != size]:
-                del resized[other]
-            resized[name, size] = dataset.at_size(getattr(splits, name), decoding(args, size))
-        return resized[name, size]
+    part_at = dataset.AtSizes(splits, args.image_size, lambda size: decoding(args, size))
 
     def with_settings(settings):
         return argparse.Namespace(**{**vars(args), **tuning.settings_of(settings, fixed)})

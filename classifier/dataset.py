@@ -303,6 +303,25 @@ def take(data, positions, in_memory):
     return part.load() if in_memory else part
 
 
+class AtSizes:
+    """part_at(name, size): the part of splits called name ("train", ...) at size x size;
+    splits' own at their size, others decoded by at_size(decoding_at(size)) and kept at one
+    other size at a time (each is a copy in memory)."""
+
+    def __init__(self, splits, size, decoding_at):
+        self.splits, self.size, self.decoding_at = splits, size, decoding_at
+        self.resized = {}
+
+    def __call__(self, name, size):
+        if size == self.size:
+            return getattr(self.splits, name)
+        if (name, size) not in self.resized:
+            self.resized = {key: part for key, part in self.resized.items() if key[1] == size}
+            self.resized[name, size] = at_size(getattr(self.splits, name),
+                                               self.decoding_at(size))
+        return self.resized[name, size]
+
+
 def at_size(part, decoding):
     """part (a Split) with its images decoded at decoding.image_size instead, in memory,
     through the cache under a name of their own: its files are those images, and no folder's

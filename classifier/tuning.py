@@ -130,6 +130,18 @@ def settings_of(settings, fixed):
     return values
 
 
+def pretrained_networks(strategy_kind):
+    """The keras.applications networks that can fine-tune under the strategy's kind."""
+    def trains(name):
+        try:
+            networks.check_strategy(name, strategy_kind, pretrained=True)
+            return True
+        except UserError:
+            return False
+    return [name for name, network in networks.REGISTRY.items()
+            if network.imagenet and trains(name)]
+
+
 def pretrained_at_hand(candidates):
     """The networks among candidates whose ImageNet weights are in Keras's cache or can be
     downloaded into it now; the others are left out of the search, each said in one line."""
