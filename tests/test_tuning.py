@@ -10,15 +10,18 @@ import signal
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
+import export
 import predict
 import train
 from classifier import (augmentation, images, networks, pipelines, run_folder, settings,
                         tuning, tuning_report)
 from classifier.cli import UserError
 from conftest import ROOT, TINY_FLAGS
+from test_export import run_onnx
 
 
 class FakeModel:
@@ -289,6 +292,17 @@ def test_a_search_then_the_final_run_leaves_a_normal_runs_files_and_never_reads_
     image = parts["test"][0]
     assert predict.main(["--image", image, "--model", str(output / "vgg_model.keras"),
                          "--labels", str(output / "labels.pickle")]) == 0
+
+    # An export takes the images at the size the search chose, and answers as the model does.
+    target = str(tmp_path / "exported.onnx")
+    assert export.main(["--format", "onnx", "--labels", str(output / "labels.pickle"),
+                        "--output", target]) == 0
+    pixels = np.stack([images.load_image(path, config["image_size"])
+                       for path in parts["test"][:3]]).astype("float32")
+    model = networks.with_dtype_policy(
+        keras.saving.load_model(str(output / "vgg_model.keras")), "float32")
+    np.testing.assert_allclose(run_onnx(target, pixels), model.predict(pixels, verbose=0),
+                               atol=1e-4)
 
 
 @pytest.mark.slow
