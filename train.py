@@ -24,8 +24,8 @@ from tensorflow.keras.preprocessing.image import ImageDataGenerator
 from classifier import (artifacts, augmentation, calibration, callbacks, cli,
                         confidence_report, data_check, data_report, dataset, distributed,
                         fine_tuning, hardware, images, label_issues, multi_worker, networks,
-                        pipelines, reports, run_folder, schedules, settings, tuning,
-                        tuning_report)
+                        pipelines, reports, run_folder, schedules, search_space, settings,
+                        tuning, tuning_report)
 
 log = logging.getLogger("train")
 CHECK_FOLDER = "check"  # where --check-only writes, inside --output
@@ -152,18 +152,18 @@ def search_settings(args, output, strategy, policy, classes, splits, data_mode, 
     Returns args with the chosen settings, the splits at the chosen image size, and the
     search."""
     fixed = set(args.tune_fixed)
-    base = tuning.Base(args.model, args.image_size, args.lr, args.label_smoothing,
+    base = search_space.Base(args.model, args.image_size, args.lr, args.label_smoothing,
                        {key: getattr(args, key) for key in augmentation.BLOG})
 
     def make_space():
-        candidates = [] if fixed & {"model", "weights"} else tuning.pretrained_at_hand(
-            tuning.pretrained_networks(distributed.kind(strategy)))
-        return tuning.space(base, fixed, candidates, stream=data_mode == "stream")
+        candidates = [] if fixed & {"model", "weights"} else search_space.pretrained_at_hand(
+            search_space.pretrained_networks(distributed.kind(strategy)))
+        return search_space.space(base, fixed, candidates, stream=data_mode == "stream")
 
     part_at = dataset.AtSizes(splits, args.image_size, lambda size: decoding(args, size))
 
     def with_settings(settings):
-        return argparse.Namespace(**{**vars(args), **tuning.settings_of(settings, fixed)})
+        return argparse.Namespace(**{**vars(args), **search_space.settings_of(settings, fixed)})
 
     def train_trial(settings, callback):
         trial_args = with_settings(settings)
@@ -184,7 +184,7 @@ def search_settings(args, output, strategy, policy, classes, splits, data_mode, 
             [*schedule, *callbacks.early_stopping(args.early_stopping), callback], class_weight)
 
     search = tuning.search(
-        train_trial, make_space, lambda space: tuning.baseline(base, space),
+        train_trial, make_space, lambda space: search_space.baseline(base, space),
         os.path.join(output, tuning.FOLDER), args.tune, args.tune_trials, args.seed,
         args.epochs, "val_binary_accuracy" if args.multi_label else "val_accuracy",
         tuning.fingerprint([run_folder.resume_settings(args),

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: training runs on servers without a display
 import matplotlib.pyplot as plt
 
-from classifier import artifacts, reports, tuning
+from classifier import artifacts, reports, search_space
 
 CSV = "tuning.csv"
 PLOT = "tuning.png"
@@ -96,11 +96,11 @@ def lines(search):
             "stopped early (successive halving, the budget, or memory)"
             + (f", {cut} were interrupted or failed" if cut else "") + ". Each was scored on "
             "the validation part only; the test part was not used.",
-            f"Chosen: trial {chosen['number']} ({tuning.describe(chosen['settings'])}), "
+            f"Chosen: trial {chosen['number']} ({search_space.describe(chosen['settings'])}), "
             f"{search.monitor} {chosen['score']:.4f} on the validation part."]
     if first and first["score"] is not None and first is not chosen:
         said.append(f"The recipe's own settings (trial {first['number']}: "
-                    f"{tuning.describe(first['settings'])}) scored {first['score']:.4f}.")
+                    f"{search_space.describe(first['settings'])}) scored {first['score']:.4f}.")
     searched = search.space.searched()
     said.append("Searched: " + ("; ".join(f"{name} {_values(values)}"
                                          for name, values in searched.items())

@@ -17,8 +17,8 @@ import pytest
 import export
 import predict
 import train
-from classifier import (augmentation, images, networks, pipelines, run_folder, settings,
-                        tuning, tuning_report)
+from classifier import (augmentation, images, networks, pipelines, run_folder,
+                        search_space, settings, tuning, tuning_report)
 from classifier.cli import UserError
 from conftest import ROOT, TINY_FLAGS
 from test_export import run_onnx
@@ -48,7 +48,7 @@ def scripted_trial(score_of, interrupt_at=None):
 
 
 EPOCHS = 9
-SPACE = tuning.Space(lr=(1e-4, 1e-2), label_smoothing=(0.0, 0.2),
+SPACE = search_space.Space(lr=(1e-4, 1e-2), label_smoothing=(0.0, 0.2),
                      augmentation=("none", "light", "blog"), image_size=(32, 48),
                      network=("vgg",))
 FIRST = {"network": "vgg", "image_size": 32, "lr": 7e-4, "augmentation": "blog",
@@ -152,32 +152,32 @@ def test_without_tune_nothing_changes():
 def test_flags_given_stay_fixed_and_the_rest_is_searched_around_the_recipe():
     args = parse("--tune", "5", "--recipe", "fast", "--lr", "0.002", "--image-size", "64")
     assert args.val_size == settings.TUNE_VAL_SIZE, "a validation part to score on"
-    space = tuning.space(base_of(args), set(args.tune_fixed), ["mobilenet_v3_small"],
+    space = search_space.space(base_of(args), set(args.tune_fixed), ["mobilenet_v3_small"],
                          stream=False)
     assert space.lr == (0.002,) and space.image_size == (64,)
     assert space.network == ("vgg", "mobilenet_v3_small")
-    assert space.label_smoothing == tuning.LABEL_SMOOTHING
+    assert space.label_smoothing == search_space.LABEL_SMOOTHING
     assert set(space.augmentation) == set(augmentation.STRENGTHS)
-    first = tuning.baseline(base_of(args), space)
+    first = search_space.baseline(base_of(args), space)
     assert first == {"network": "vgg", "image_size": 64, "lr": 0.002, "augmentation": "light",
                      "label_smoothing": 0.1}
     free = parse("--tune", "5", "--zoom-range", "0.3", "--model", "vgg16")
-    free_space = tuning.space(base_of(free), set(free.tune_fixed), ["mobilenet_v3_small"],
+    free_space = search_space.space(base_of(free), set(free.tune_fixed), ["mobilenet_v3_small"],
                               stream=False)
-    assert free_space.augmentation == (tuning.GIVEN,) and free_space.network == ("vgg16",)
+    assert free_space.augmentation == (search_space.GIVEN,) and free_space.network == ("vgg16",)
     assert min(free_space.image_size) >= 32 and 96 in free_space.image_size
-    chosen = tuning.settings_of({"network": "mobilenet_v3_small", "image_size": 48,
+    chosen = search_space.settings_of({"network": "mobilenet_v3_small", "image_size": 48,
                                  "lr": 0.01, "augmentation": "none", "label_smoothing": 0.05},
                                 set(args.tune_fixed))
     assert chosen["weights"] == "imagenet" and chosen["fine_tune_lr"] == pytest.approx(0.001)
     assert chosen["rotation_range"] == chosen["zoom_range"] == 0
     small = parse("--tune", "5", "--image-size", "24")
-    assert tuning.space(base_of(small), set(), ["mobilenet_v3_small"], False).network == \
+    assert search_space.space(base_of(small), set(), ["mobilenet_v3_small"], False).network == \
         ("vgg",), "a network that cannot take the size is left out"
 
 
 def base_of(args):
-    return tuning.Base(args.model, args.image_size, args.lr, args.label_smoothing,
+    return search_space.Base(args.model, args.image_size, args.lr, args.label_smoothing,
                        {key: getattr(args, key) for key in augmentation.BLOG})
 
 
@@ -336,7 +336,7 @@ def test_a_killed_search_resumes_and_so_does_its_final_run(demo_dataset, tmp_pat
     assert len(trials) == 4, "four trials in all, not four more"
     # Each trial done before the kill is kept, or, when the kill came before Optuna stored
     # its end, run again with the same settings.
-    kept = {tuning.describe({**row, "lr": float(row["lr"]),
+    kept = {search_space.describe({**row, "lr": float(row["lr"]),
                              "label_smoothing": float(row["label_smoothing"])})
             for row in trials}
     assert all(re.search(r"trial \d+ \((.*)\): ", line).group(1) in kept for line in said)
